@@ -1,0 +1,1 @@
+"""loraplex export: merges, ONNX, TensorRT."""

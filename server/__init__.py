@@ -1,0 +1,1 @@
+"""loraplex serving engine: one base model, many LoRA adapters per batch."""

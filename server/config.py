@@ -1,0 +1,146 @@
+"""Engine configuration: one frozen dataclass per subsystem, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+QUANTIZATIONS = ("nf4", "bf16", "fp16", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _raise_if(problems: list[str], what: str) -> None:
+    if problems:
+        raise ConfigError(f"invalid {what}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which base model, and how its weights are held."""
+
+    path: str | None = None
+    """HF folder (config.json + *.safetensors) or a .gguf file; None = the embedded SmolLM2-135M-Instruct."""
+    quantization: str = "nf4"
+    """nf4 (bitsandbytes, double quantization), bf16, fp16 or none (weights kept in `dtype`)."""
+    dtype: str = "float32"
+    """Compute dtype for activations, KV cache and unquantized weights."""
+    device: str = "cpu"
+    """Torch device string: cpu, cuda, cuda:1 ..."""
+    load_format: str = "auto"
+    """auto (read weights from `path`) or dummy (random weights in the shape of `path`'s config)."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + generated); None = the model's max_position_embeddings."""
+    seed: int = 0
+    """Seed for dummy weights."""
+
+    def __post_init__(self):
+        problems = []
+        if self.quantization not in QUANTIZATIONS:
+            problems.append(f"quantization={self.quantization!r} (choose from {', '.join(QUANTIZATIONS)})")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype={self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.load_format not in ("auto", "dummy"):
+            problems.append(f"load_format={self.load_format!r} (auto or dummy)")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            problems.append(f"max_model_len={self.max_model_len} (must be >= 1)")
+        _raise_if(problems, "model config")
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    """Adapter slots and limits."""
+
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted; device slots are padded to it."""
+    max_loras: int = 8
+    """Adapter slots on the device: distinct adapters usable in one step."""
+    max_cpu_loras: int = 64
+    """Validated adapters kept in host memory (LRU); the rest reload from disk."""
+    max_adapters_per_request: int = 8
+    """Most adapters one weighted mix may name."""
+    derived_rank: int = 64
+    """TIES/DARE mixes are compressed back to at most this rank by SVD."""
+
+    def __post_init__(self):
+        problems = []
+        if not 1 <= self.max_lora_rank <= 1024:
+            problems.append(f"max_lora_rank={self.max_lora_rank} (1..1024)")
+        if self.max_loras < 1:
+            problems.append(f"max_loras={self.max_loras} (>= 1)")
+        if self.max_cpu_loras < self.max_loras:
+            problems.append(f"max_cpu_loras={self.max_cpu_loras} (>= max_loras={self.max_loras})")
+        if not 1 <= self.max_adapters_per_request <= self.max_loras:
+            problems.append(
+                f"max_adapters_per_request={self.max_adapters_per_request} (1..max_loras={self.max_loras})"
+            )
+        if not 1 <= self.derived_rank <= self.max_lora_rank:
+            problems.append(f"derived_rank={self.derived_rank} (1..max_lora_rank={self.max_lora_rank})")
+        _raise_if(problems, "LoRA config")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks to allocate; None = sized from `memory_fraction` (GPU) or `cpu_cache_bytes` (CPU)."""
+    memory_fraction: float = 0.85
+    """On a GPU: share of total memory the process may use (weights + adapters + KV)."""
+    cpu_cache_bytes: int = 512 * 1024 * 1024
+    """On the CPU: bytes of KV cache when num_blocks is None."""
+
+    def __post_init__(self):
+        problems = []
+        if self.block_size < 1:
+            problems.append(f"block_size={self.block_size} (>= 1)")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            problems.append(f"num_blocks={self.num_blocks} (>= 1)")
+        if not 0.05 <= self.memory_fraction <= 0.99:
+            problems.append(f"memory_fraction={self.memory_fraction} (0.05..0.99)")
+        _raise_if(problems, "cache config")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Admission and batching."""
+
+    max_num_seqs: int = 64
+    """Sequences in the running batch."""
+    max_num_batched_tokens: int = 512
+    """Tokens per forward step (decode tokens first, then prefill chunks)."""
+    max_waiting: int = 256
+    """Bounded waiting queue; a submit past it fails with RESOURCE_EXHAUSTED at once."""
+    max_new_tokens_limit: int = 4096
+    """Largest max_new_tokens a request may ask for."""
+    default_max_new_tokens: int = 128
+    """Used when a request leaves max_new_tokens at 0."""
+    max_top_logprobs: int = 20
+    """Largest top_logprobs a request may ask for."""
+
+    def __post_init__(self):
+        problems = []
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_new_tokens_limit"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (>= 1)")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            problems.append(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} (>= max_num_seqs={self.max_num_seqs}, "
+                "so every running sequence can decode each step)"
+            )
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            problems.append(f"default_max_new_tokens={self.default_max_new_tokens} (1..max_new_tokens_limit)")
+        _raise_if(problems, "scheduler config")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine needs, one field per subsystem."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache_dir: str | None = None
+    """Where converted models and derived adapters are cached; None = ~/.cache/loraplex."""

@@ -1,0 +1,1 @@
+"""loraplex training: LoRA / QLoRA adapters from JSONL."""
