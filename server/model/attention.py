@@ -16,6 +16,8 @@ import torch.nn.functional as F
 class AttentionMeta:
     """Built once per step (O(sequences) Python), shared by every layer."""
 
+    positions: torch.Tensor
+    """[T] int64: absolute position of each token in its sequence."""
     slot_mapping: torch.Tensor
     """[T] int64: flat KV slot written by each token of the step."""
     kv_gather: torch.Tensor
@@ -65,7 +67,7 @@ def build_attention_meta(block_tables: list[list[int]], context_lens: list[int],
     non_blocking = device.type == "cuda"
     to = (lambda t: t.pin_memory().to(device, non_blocking=True)) if non_blocking else (lambda t: t.to(device))
     return AttentionMeta(
-        slot_mapping=to(slot_mapping), kv_gather=to(kv_gather), mask=to(mask[:, None]),
+        positions=to(token_pos), slot_mapping=to(slot_mapping), kv_gather=to(kv_gather), mask=to(mask[:, None]),
         token_seq=to(token_seq), token_offset=to(token_offset), num_seqs=num_seqs,
         max_query_len=max_query_len, decode_only=max_query_len == 1 and int(qlen.sum()) == num_seqs)
 

@@ -1,0 +1,228 @@
+"""Adapter tiers: disk -> host (validated, prepared, LRU) -> device slots (LRU, pins, refcounts).
+
+Loads from disk (and mix builds) run on a loader thread, never on the engine thread; the engine
+thread only copies prepared host tensors into a slot, one adapter's worth of copies. A slot whose
+adapter is used by a running sequence (refcount > 0) or pinned is never evicted; a host copy
+wanted by a live request is never dropped.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..lora.slots import clear_slot, prepare_for_device, write_slot
+from .types import AdapterWeights
+
+log = logging.getLogger(__name__)
+
+READY, LOADING = "ready", "loading"
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    host_evictions: int = 0
+    load_seconds_total: float = 0.0
+    loads: int = 0
+
+
+@dataclass(slots=True)
+class _Slot:
+    key: str | None = None
+    refs: int = 0
+    pinned: bool = False
+    last_used: float = 0.0
+    targets: frozenset = frozenset()
+
+
+class AdapterCache:
+    def __init__(self, model, num_slots: int, max_host: int, dtype: torch.dtype, pin_memory: bool):
+        self.model = model
+        self.dtype, self.pin_memory = dtype, pin_memory
+        self.max_host = max_host
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._host: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._wanted: Counter[str] = Counter()
+        self._loading: dict[str, Future] = {}
+        self._failed: dict[str, Exception] = {}
+        self._slots = [_Slot() for _ in range(num_slots)]
+        self._slot_of: dict[str, int] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+
+    # ---- host tier (any thread) ----
+    def prepare(self, adapter: AdapterWeights) -> AdapterWeights:
+        return prepare_for_device(adapter, self.dtype, self.pin_memory)
+
+    def put_host(self, key: str, prepared: AdapterWeights) -> None:
+        with self._lock:
+            self._host[key] = prepared
+            self._host.move_to_end(key)
+            self._failed.pop(key, None)
+            self._trim_host()
+
+    def host_get(self, key: str) -> AdapterWeights | None:
+        with self._lock:
+            return self._host.get(key)
+
+    def want(self, keys) -> None:
+        """A live request needs these keys: keep their host copies."""
+        with self._lock:
+            self._wanted.update(keys)
+
+    def unwant(self, keys) -> None:
+        with self._lock:
+            self._wanted.subtract(keys)
+            for key in keys:
+                if self._wanted[key] <= 0:
+                    del self._wanted[key]
+                    self._failed.pop(key, None)
+            self._trim_host()
+
+    def ensure_host(self, key: str, loader: Callable[[], AdapterWeights]) -> str | Exception:
+        """READY, LOADING (a load is under way on the loader thread) or the exception the load raised."""
+        with self._lock:
+            if key in self._host:
+                self._host.move_to_end(key)
+                return READY
+            if key in self._failed:
+                return self._failed[key]
+            if key not in self._loading:
+                self.stats.misses += 1
+                self._loading[key] = self._executor.submit(self._load, key, loader)
+            return LOADING
+
+    def _load(self, key: str, loader: Callable[[], AdapterWeights]) -> None:
+        started = time.monotonic()
+        try:
+            prepared = self.prepare(loader())
+        except Exception as exc:  # reported to the requests that wanted it
+            log.warning("adapter %s failed to load: %s", key, exc)
+            with self._lock:
+                self._failed[key] = exc
+                self._loading.pop(key, None)
+            return
+        seconds = time.monotonic() - started
+        with self._lock:
+            self._loading.pop(key, None)
+            self.stats.loads += 1
+            self.stats.load_seconds_total += seconds
+        self.put_host(key, prepared)
+        log.info("adapter %s loaded to host: %d bytes in %.0f ms", key, prepared.num_bytes, seconds * 1000)
+
+    def _trim_host(self) -> None:
+        """Drop least recently used host copies past max_host, skipping wanted or slotted ones (lock held)."""
+        excess = len(self._host) - self.max_host
+        for key in list(self._host):
+            if excess <= 0:
+                break
+            if self._wanted.get(key, 0) > 0 or key in self._slot_of:
+                continue
+            del self._host[key]
+            self.stats.host_evictions += 1
+            excess -= 1
+
+    def drop(self, key: str) -> None:
+        """Forget a key (adapter deleted); its slot is freed now if unused, else when released."""
+        with self._lock:
+            if self._wanted.get(key, 0) <= 0:
+                self._host.pop(key, None)
+        slot = self._slot_of.get(key)
+        if slot is not None and self._slots[slot].refs == 0:
+            self._evict(slot)
+
+    # ---- device tier (engine thread only) ----
+    def acquire(self, keys: list[str]) -> list[int] | None:
+        """Slots for all `keys` (host-ready), refcounted; None if not enough slots can be freed now."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self._slot_of]
+        if missing:
+            free = [i for i, s in enumerate(self._slots) if s.key is None]
+            evictable = sorted((i for i, s in enumerate(self._slots)
+                                if s.key is not None and s.refs == 0 and not s.pinned and s.key not in keys),
+                               key=lambda i: self._slots[i].last_used)
+            if len(missing) > len(free) + len(evictable):
+                return None
+            for key in missing:
+                slot = free.pop() if free else evictable.pop(0)
+                self._install(slot, key)
+        else:
+            self.stats.hits += len(keys)
+        now = time.monotonic()
+        slots = [self._slot_of[k] for k in keys]
+        for slot in slots:
+            self._slots[slot].refs += 1
+            self._slots[slot].last_used = now
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            state = self._slots[slot]
+            state.refs -= 1
+            assert state.refs >= 0, f"slot {slot} released more often than acquired"
+
+    def pin(self, key: str) -> int | None:
+        """Keep `key` in a slot for good (host-ready required); None if every slot is pinned or busy."""
+        slots = self.acquire([key])
+        if slots is None:
+            return None
+        self._slots[slots[0]].pinned = True
+        self.release(slots)
+        return slots[0]
+
+    def unpin(self, key: str) -> None:
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            self._slots[slot].pinned = False
+
+    def _install(self, slot: int, key: str) -> None:
+        if self._slots[slot].key is not None:
+            self._evict(slot)
+        adapter = self.host_get(key)
+        assert adapter is not None, f"{key} is not in the host tier"
+        write_slot(self.model, slot, adapter)
+        self._slots[slot] = _Slot(key=key, last_used=time.monotonic(), targets=adapter.target_modules)
+        self._slot_of[key] = slot
+        log.info("adapter %s -> slot %d (%d bytes)", key, slot, adapter.num_bytes)
+
+    def _evict(self, slot: int) -> None:
+        key = self._slots[slot].key
+        self._slot_of.pop(key, None)
+        self._slots[slot] = _Slot()
+        clear_slot(self.model, slot)
+        self.stats.evictions += 1
+        log.info("adapter %s evicted from slot %d", key, slot)
+
+    # ---- views ----
+    def slot_targets(self) -> dict[int, frozenset[str]]:
+        """slot -> projections its adapter adapts (for the per-step LoRA metadata)."""
+        return {slot: state.targets for slot, state in enumerate(self._slots) if state.key is not None}
+
+    def state_of(self, key: str) -> str:
+        """REGISTERED, LOADING, HOST or DEVICE (API.md's AdapterInfo.state)."""
+        if key in self._slot_of:
+            return "DEVICE"
+        with self._lock:
+            if key in self._host:
+                return "HOST"
+            if key in self._loading:
+                return "LOADING"
+        return "REGISTERED"
+
+    def resident_counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"device": len(self._slot_of), "host": len(self._host)}
+
+    def slot_refs(self) -> list[int]:
+        return [s.refs for s in self._slots]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
