@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import AdapterMismatch
+from ..model.arch import LINEAR_MODULES
+
 
 @dataclass(frozen=True, slots=True)
 class ModuleLoRA:
@@ -49,3 +52,21 @@ class AdapterWeights:
     def num_bytes(self) -> int:
         return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
                    for m in self.modules.values())
+
+
+def check_fits(adapter: AdapterWeights, arch, max_rank: int) -> None:
+    """Shapes and rank against the base: the last guard before weights reach a slot."""
+    if not adapter.modules:
+        raise AdapterMismatch(f"adapter {adapter.name!r} adapts no module")
+    for (layer, module), m in adapter.modules.items():
+        if not 0 <= layer < arch.num_layers:
+            raise AdapterMismatch(f"adapter {adapter.name!r}: layer {layer} outside the base's {arch.num_layers}")
+        if module not in LINEAR_MODULES:
+            raise AdapterMismatch(f"adapter {adapter.name!r}: {module!r} is not an adaptable projection")
+        n_in, n_out = arch.linear_shape(module)
+        if m.a.shape != (m.rank, n_in) or m.b.shape != (n_out, m.rank):
+            raise AdapterMismatch(f"adapter {adapter.name!r}: {module} of layer {layer} has A {list(m.a.shape)}, "
+                                  f"B {list(m.b.shape)}; the base needs A [r, {n_in}], B [{n_out}, r]")
+        if m.rank > max_rank:
+            raise AdapterMismatch(f"adapter {adapter.name!r}: rank {m.rank} exceeds the server's max "
+                                  f"{max_rank}")

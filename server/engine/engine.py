@@ -19,9 +19,12 @@ import torch
 from ..adapters.cache import LOADING, READY, AdapterCache
 from ..adapters.catalog import AdapterCatalog, AdapterEntry
 from ..adapters.loader import load_adapter
+from ..adapters.mix_cache import DerivedAdapterCache
+from ..adapters.types import AdapterWeights, check_fits
 from ..config import EngineConfig
 from ..errors import (Cancelled, DeadlineExceeded, InvalidAdapter, LoraplexError, ResourceExhausted,
                       Unavailable)
+from ..model.embedded import default_cache_dir
 from ..model.loader import LoadedModel, load_model
 from ..types import GenerationChunk, GenerationRequest, GenerationResult, StopReason
 from .block_manager import BlockManager
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         self.config = config = config or EngineConfig()
-        cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.loaded = loaded or load_model(config.model, cache_dir)
         self.model, self.arch, self.tokenizer = self.loaded.model, self.loaded.arch, self.loaded.tokenizer
         self.device, self.dtype = self.model.device, self.model.dtype
@@ -55,6 +58,8 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler)
         self.runner = ModelRunner(self.model, self.kv_caches, block_size)
         self.catalog = AdapterCatalog()
+        self.derived_adapters = DerivedAdapterCache(max_entries=2, folder=cache_dir / "derived")
+        """TIES / DARE builds, persisted so a restart reuses them; the host tier holds the live copies."""
         self.cache = AdapterCache(self.model, lora.max_loras, lora.max_cpu_loras, self.dtype,
                                   pin_memory=self.device.type == "cuda")
         model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
@@ -76,6 +81,7 @@ class Engine:
         self._accepting = True
         self._next_seq_id = 0
         self.generated_tokens_total = 0
+        self.steps_total = 0
         self.mix_reports: dict = {}
         """Reconstruction reports of derived (TIES / DARE) adapters, by key."""
         log.info("engine ready: %d KV blocks of %d tokens, %d adapter slots of rank %d, max_model_len %d",
@@ -100,9 +106,14 @@ class Engine:
         if not name:
             raise InvalidAdapter("name: an adapter needs a name", field="name")
         weights = load_adapter(path, self.arch, self.config.lora.max_lora_rank, name)
+        return self.register_weights(name, weights, pin=pin)
+
+    def register_weights(self, name: str, weights: AdapterWeights, pin: bool = False) -> AdapterEntry:
+        """Register adapter weights already in memory (from load_adapter, or built in-process)."""
+        check_fits(weights, self.arch, self.config.lora.max_lora_rank)
         first = next(iter(weights.modules.values()))
         entry = self.catalog.add(AdapterEntry(
-            name=name, version=0, source=str(path), sha256=weights.sha256, rank=weights.rank,
+            name=name, version=0, source=weights.source, sha256=weights.sha256, rank=weights.rank,
             alpha=float(weights.config.get("lora_alpha", first.scale * first.rank)),
             target_modules=tuple(sorted(weights.target_modules)), num_bytes=weights.num_bytes,
             base_model=str(weights.config.get("base_model_name_or_path") or ""), pinned=pin))
@@ -229,6 +240,7 @@ class Engine:
         batch = self.scheduler.schedule(self._try_admit)
         if not batch:
             return False
+        self.steps_total += 1
         for seq, n in batch:
             self.block_manager.grow(seq.seq_id, seq.block_table, seq.num_computed + n)
         try:

@@ -28,12 +28,15 @@ def resolve_adapters(engine, request: GenerationRequest) -> tuple[tuple[AdapterN
                            request.density, request.merge_seed, rank)
     part_keys = tuple(e.key for e in entries)
 
-    def build():
+    def derive():
         parts = [engine.cache.host_get(k) for k in part_keys]
         if any(p is None for p in parts):
             raise InvalidAdapter(f"{key}: a part of the mix left host memory before the mix was built")
-        derived, report = derive_adapter(parts, weights, request.merge_method, request.density,
-                                         request.merge_seed, rank, name=key, device=str(engine.device))
+        return derive_adapter(parts, weights, request.merge_method, request.density, request.merge_seed, rank,
+                              name=key, device=str(engine.device), key=key)
+
+    def build():
+        derived, report = engine.derived_adapters.get_or_build(key, derive)
         engine.mix_reports[key] = report
         return derived
 

@@ -87,6 +87,26 @@ def _rope_from(cfg: dict) -> RopeConfig:
                                                         cfg.get("max_position_embeddings", 8192))))
 
 
+def _sliding_window(cfg: dict, model_type: str) -> int | None:
+    """The window transformers applies: Llama has none (it ignores a sliding_window key), Mistral applies
+    it to every layer, Qwen2 only with use_sliding_window and only on its "sliding_attention" layers
+    (layer_types, else the layers from max_window_layers on)."""
+    if model_type == "llama" or not cfg.get("sliding_window"):
+        return None
+    if model_type == "qwen2":
+        if not cfg.get("use_sliding_window", False):
+            return None
+        first = cfg.get("max_window_layers", 28)
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if i >= first else "full_attention" for i in range(int(cfg["num_hidden_layers"]))]
+        if "sliding_attention" not in types:
+            return None
+        if any(t != "sliding_attention" for t in types):
+            raise ModelLoadError("config.json: a sliding window on some layers only (qwen2 max_window_layers / "
+                                 "layer_types) is not supported")
+    return int(cfg["sliding_window"])
+
+
 def arch_from_config(cfg: dict) -> ModelArch:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -100,9 +120,7 @@ def arch_from_config(cfg: dict) -> ModelArch:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    sliding = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-        sliding = None
+    sliding = _sliding_window(cfg, model_type)
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         raise ModelLoadError("config.json: partial_rotary_factor != 1 is not supported")
     return ModelArch(
@@ -121,7 +139,7 @@ def arch_from_config(cfg: dict) -> ModelArch:
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
         o_bias=model_type == "llama" and bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
-        sliding_window=int(sliding) if sliding else None,
+        sliding_window=sliding,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )

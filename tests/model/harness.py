@@ -37,9 +37,13 @@ def new_kv_cache(model: CausalLM, num_blocks: int, block_size: int):
                              device=model.device)
 
 
-def run_step(model: CausalLM, kv_cache, chunks: list[SeqChunk], block_size: int,
-             all_tokens: bool = False) -> torch.Tensor:
-    """Logits [num_seqs, vocab] for the last new token of each chunk (or [sum of new tokens, vocab])."""
+_ARCH = object()
+
+
+def run_step(model: CausalLM, kv_cache, chunks: list[SeqChunk], block_size: int, all_tokens: bool = False,
+             sliding_window=_ARCH) -> torch.Tensor:
+    """Logits [num_seqs, vocab] for the last new token of each chunk (or [sum of new tokens, vocab]).
+    sliding_window overrides the model's (negative controls only)."""
     num_blocks = kv_cache[0][0].shape[0]
     for c in chunks:
         assert c.tokens, "every sequence of a step feeds at least one token"
@@ -50,9 +54,10 @@ def run_step(model: CausalLM, kv_cache, chunks: list[SeqChunk], block_size: int,
     query_lens = [len(c.tokens) for c in chunks]
     ids = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.int64, device=device)
     positions = torch.cat([torch.arange(c.cached, c.context_len) for c in chunks])
+    window = model.arch.sliding_window if sliding_window is _ARCH else sliding_window
     meta = build_attention_meta(
         block_tables=[c.block_table for c in chunks], context_lens=[c.context_len for c in chunks],
-        query_lens=query_lens, block_size=block_size, sliding_window=model.arch.sliding_window, device=device)
+        query_lens=query_lens, block_size=block_size, sliding_window=window, device=device)
     cos, sin = rotary_cos_sin(positions.to(device), model.inv_freq, model.dtype)
     if all_tokens:
         logits_indices = torch.arange(len(ids))

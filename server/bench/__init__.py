@@ -1,0 +1,1 @@
+"""Benchmarks: baselines that `loraplex bench` compares the engine against."""

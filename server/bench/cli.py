@@ -1,0 +1,94 @@
+"""`loraplex bench ...`: benchmarks that write JSON (device, versions, config, figures) to benchmarks/results/."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks; JSON to benchmarks/results/")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    serve = kinds.add_parser("serve", help="multi-adapter generation throughput, ours beside HF+PEFT")
+    serve.add_argument("--model", default="benchmarks/shapes/llama-3.1-8b",
+                       help="folder with config.json (and weights unless --load-format dummy)")
+    serve.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
+    serve.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "none"])
+    serve.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    serve.add_argument("--device", default="cuda")
+    serve.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
+    serve.add_argument("--modes", default="base,shared,distinct")
+    serve.add_argument("--prompt-len", type=int, default=128)
+    serve.add_argument("--new-tokens", type=int, default=64)
+    serve.add_argument("--rank", type=int, default=16)
+    serve.add_argument("--num-adapters", type=int, default=None, help="default: the largest batch")
+    serve.add_argument("--baseline", default="peft", choices=["peft", "none"],
+                       help="also run HF generate + PEFT adapter_names in the same process")
+    serve.add_argument("--baseline-batches", default=None, help="batch sizes for the baseline (default: --batches)")
+    serve.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .serving import ServeBenchConfig, run_serving_bench
+
+    batches = _ints(args.batches)
+    cfg = ServeBenchConfig(
+        model=args.model, load_format=args.load_format, quantization=args.quantization, dtype=args.dtype,
+        device=args.device, batches=batches, modes=tuple(args.modes.split(",")), prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, rank=args.rank, num_adapters=args.num_adapters or max(batches))
+    ours = run_serving_bench(cfg, log=lambda line: print(line, flush=True))
+    baseline = []
+    if args.baseline == "peft":
+        from .peft_baseline import baseline_table
+
+        baseline = baseline_table(str(Path(args.model) / "config.json"),
+                                  batches=_ints(args.baseline_batches) if args.baseline_batches else batches,
+                                  modes=cfg.modes, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens,
+                                  device=cfg.device)
+    report = {"benchmark": "serve", "config": dataclasses.asdict(cfg), "environment": environment(cfg.device),
+              "loraplex": ours, "baseline_peft": baseline, "ratios": ratios(ours, baseline)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve-{report['environment']['device_slug']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    for row in report["ratios"]:
+        print(f"{row['mode']:8s} batch {row['batch_size']:3d}: loraplex {row['loraplex_tok_s']:9.1f} tok/s, "
+              f"peft {row['peft_tok_s']:8.1f} tok/s, x{row['speedup']:.1f}", flush=True)
+    print(f"wrote {path}")
+    return 0
+
+
+def ratios(ours: list[dict], baseline: list[dict]) -> list[dict]:
+    """ours / baseline for every (mode, batch) measured by both."""
+    peft = {(r["mode"], r["batch_size"]): r["tokens_per_s"] for r in baseline}
+    rows = []
+    for r in ours:
+        key = (r["mode"], r["batch_size"])
+        if key in peft:
+            rows.append({"mode": key[0], "batch_size": key[1], "loraplex_tok_s": r["tokens_per_s"],
+                         "peft_tok_s": peft[key], "speedup": round(r["tokens_per_s"] / peft[key], 2)})
+    return rows
+
+
+def environment(device: str) -> dict:
+    import platform
+
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": device}
+    for name in ("transformers", "peft", "bitsandbytes", "triton"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:
+            env[name] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    env["device_slug"] = (env.get("gpu") or "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
+    return env

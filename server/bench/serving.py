@@ -1,0 +1,126 @@
+"""Our engine under the benchmark's load: random-weight base, random r-rank all-linear adapters.
+
+Adapters are made in memory (no files: 64 Llama-8B-shaped r16 adapters would be 5 GB of disk) and
+registered through the same validation as folders. Every row gets a random prompt of exactly
+prompt_len tokens and generates exactly new_tokens (ignore_eos), greedy, like the PEFT baseline.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters.types import AdapterWeights, ModuleLoRA
+from ..config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from ..engine.engine import Engine
+from ..model.arch import LINEAR_MODULES, ModelArch
+from ..types import GenerationRequest, SamplingParams, StoppingCriteria
+
+MODES = ("base", "shared", "distinct")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeBenchConfig:
+    model: str
+    """Folder with config.json (weights too unless load_format is dummy)."""
+    load_format: str = "dummy"
+    quantization: str = "nf4"
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    batches: tuple[int, ...] = (1, 8, 32, 64)
+    modes: tuple[str, ...] = MODES
+    prompt_len: int = 128
+    new_tokens: int = 64
+    rank: int = 16
+    alpha: float = 32.0
+    num_adapters: int = 64
+    seed: int = 0
+
+
+def random_adapter(arch: ModelArch, name: str, rank: int, alpha: float, gen: torch.Generator,
+                   device: str) -> AdapterWeights:
+    """All-linear LoRA with non-zero A and B, built on `device`, kept on the CPU like a loaded file."""
+    modules = {}
+    for layer in range(arch.num_layers):
+        for module in LINEAR_MODULES:
+            n_in, n_out = arch.linear_shape(module)
+            a = torch.randn(rank, n_in, generator=gen, device=device, dtype=torch.bfloat16) / n_in ** 0.5
+            b = torch.randn(n_out, rank, generator=gen, device=device, dtype=torch.bfloat16) * 0.01
+            modules[(layer, module)] = ModuleLoRA(a=a.cpu(), b=b.cpu(), scale=alpha / rank)
+    return AdapterWeights(name=name, modules=modules, source="memory:random", sha256=f"random-{name}")
+
+
+def build_engine(cfg: ServeBenchConfig) -> Engine:
+    max_batch = max(cfg.batches)
+    tokens_per_seq = cfg.prompt_len + cfg.new_tokens
+    block_size = 16
+    num_blocks = max_batch * (-(-tokens_per_seq // block_size)) + 64
+    config = EngineConfig(
+        model=ModelConfig(path=cfg.model, quantization=cfg.quantization, dtype=cfg.dtype, device=cfg.device,
+                          load_format=cfg.load_format, seed=cfg.seed),
+        lora=LoRAConfig(max_lora_rank=cfg.rank, max_loras=max(cfg.num_adapters, 1),
+                        max_cpu_loras=max(cfg.num_adapters, 1), max_adapters_per_request=1, derived_rank=cfg.rank),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=max_batch, max_num_batched_tokens=max_batch * cfg.prompt_len,
+                                  max_waiting=4 * max_batch, max_new_tokens_limit=cfg.new_tokens,
+                                  default_max_new_tokens=cfg.new_tokens))
+    engine = Engine(config)
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
+    for i in range(cfg.num_adapters):
+        engine.register_weights(f"a{i}", random_adapter(engine.arch, f"a{i}", cfg.rank, cfg.alpha, gen, cfg.device))
+    return engine
+
+
+def _requests(cfg: ServeBenchConfig, vocab_size: int, batch: int, mode: str, new_tokens: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, vocab_size, (batch, cfg.prompt_len), generator=gen).tolist()
+    adapters = {"base": lambda i: "", "shared": lambda i: "a0", "distinct": lambda i: f"a{i}"}[mode]
+    return [GenerationRequest(prompt_token_ids=tuple(p), adapter=adapters(i), sampling=SamplingParams(seed=i),
+                              stopping=StoppingCriteria(max_new_tokens=new_tokens, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+
+
+def run_one(engine: Engine, cfg: ServeBenchConfig, batch: int, mode: str) -> dict:
+    """Warm up (shapes, adapter slots), then time one full batch from submit to last token."""
+    if mode == "distinct" and batch > cfg.num_adapters:
+        raise ValueError(f"distinct at batch {batch} needs {batch} adapters, have {cfg.num_adapters}")
+    vocab = engine.arch.vocab_size
+    engine.generate(_requests(cfg, vocab, batch, mode, 2, seed=1))
+    _sync(cfg.device)
+    requests = _requests(cfg, vocab, batch, mode, cfg.new_tokens, seed=2)
+    steps_before = engine.steps_total
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    _sync(cfg.device)
+    wall = time.perf_counter() - started
+    generated = sum(len(r.token_ids) for r in results)
+    assert generated == batch * cfg.new_tokens, f"generated {generated}, expected {batch * cfg.new_tokens}"
+    return {"system": "loraplex", "mode": mode, "batch_size": batch, "prompt_len": cfg.prompt_len,
+            "new_tokens": cfg.new_tokens, "generated_tokens": generated, "wall_s": round(wall, 4),
+            "tokens_per_s": round(generated / wall, 2), "steps": engine.steps_total - steps_before}
+
+
+def run_serving_bench(cfg: ServeBenchConfig, log=print) -> list[dict]:
+    engine = build_engine(cfg)
+    results = []
+    try:
+        for mode in cfg.modes:
+            for batch in cfg.batches:
+                if mode == "distinct" and batch > cfg.num_adapters:
+                    continue
+                row = run_one(engine, cfg, batch, mode)
+                log(f"loraplex {mode:8s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tok/s "
+                    f"({row['wall_s']:.2f} s, {row['steps']} steps)")
+                results.append(row)
+    finally:
+        engine.stop()
+        del engine
+        if cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
