@@ -32,6 +32,8 @@ class ModelConfig:
     """Longest sequence (prompt + generated); None = the model's max_position_embeddings."""
     seed: int = 0
     """Seed for dummy weights."""
+    enforce_eager: bool = False
+    """On a GPU, run decode steps eagerly instead of replaying CUDA graphs."""
 
     def __post_init__(self):
         problems = []

@@ -24,6 +24,7 @@ def add_bench_parser(sub) -> None:
     serve.add_argument("--new-tokens", type=int, default=64)
     serve.add_argument("--rank", type=int, default=16)
     serve.add_argument("--num-adapters", type=int, default=None, help="default: the largest batch")
+    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     serve.add_argument("--baseline", default="peft", choices=["peft", "none"],
                        help="also run HF generate + PEFT adapter_names in the same process")
     serve.add_argument("--baseline-batches", default=None, help="batch sizes for the baseline (default: --batches)")
@@ -41,21 +42,26 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig(
         model=args.model, load_format=args.load_format, quantization=args.quantization, dtype=args.dtype,
         device=args.device, batches=batches, modes=tuple(args.modes.split(",")), prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, rank=args.rank, num_adapters=args.num_adapters or max(batches))
-    ours = run_serving_bench(cfg, log=lambda line: print(line, flush=True))
-    baseline = []
+        new_tokens=args.new_tokens, rank=args.rank, num_adapters=args.num_adapters or max(batches),
+        enforce_eager=args.enforce_eager)
+    env = environment(cfg.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve-{env['device_slug']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report = {"benchmark": "serve", "config": dataclasses.asdict(cfg), "environment": env,
+              "loraplex": [], "baseline_peft": [], "ratios": [], "complete": False}
+    report["loraplex"] = run_serving_bench(cfg, log=lambda line: print(line, flush=True))
+    path.write_text(json.dumps(report, indent=2))  # ours survive a baseline cut short
     if args.baseline == "peft":
         from .peft_baseline import baseline_table
 
-        baseline = baseline_table(str(Path(args.model) / "config.json"),
-                                  batches=_ints(args.baseline_batches) if args.baseline_batches else batches,
-                                  modes=cfg.modes, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens,
-                                  device=cfg.device)
-    report = {"benchmark": "serve", "config": dataclasses.asdict(cfg), "environment": environment(cfg.device),
-              "loraplex": ours, "baseline_peft": baseline, "ratios": ratios(ours, baseline)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serve-{report['environment']['device_slug']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        report["baseline_peft"] = baseline_table(
+            str(Path(args.model) / "config.json"),
+            batches=_ints(args.baseline_batches) if args.baseline_batches else batches, modes=cfg.modes,
+            prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, device=cfg.device,
+            num_adapters=cfg.num_adapters, rank=cfg.rank)
+    report["ratios"] = ratios(report["loraplex"], report["baseline_peft"])
+    report["complete"] = True
     path.write_text(json.dumps(report, indent=2))
     for row in report["ratios"]:
         print(f"{row['mode']:8s} batch {row['batch_size']:3d}: loraplex {row['loraplex_tok_s']:9.1f} tok/s, "
@@ -66,7 +72,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def ratios(ours: list[dict], baseline: list[dict]) -> list[dict]:
     """ours / baseline for every (mode, batch) measured by both."""
-    peft = {(r["mode"], r["batch_size"]): r["tokens_per_s"] for r in baseline}
+    peft = {(r["mode"], r["batch_size"]): r["tokens_per_s"] for r in baseline if r.get("tokens_per_s")}
     rows = []
     for r in ours:
         key = (r["mode"], r["batch_size"])

@@ -36,6 +36,7 @@ class ServeBenchConfig:
     alpha: float = 32.0
     num_adapters: int = 64
     seed: int = 0
+    enforce_eager: bool = False
 
 
 def random_adapter(arch: ModelArch, name: str, rank: int, alpha: float, gen: torch.Generator,
@@ -58,7 +59,7 @@ def build_engine(cfg: ServeBenchConfig) -> Engine:
     num_blocks = max_batch * (-(-tokens_per_seq // block_size)) + 64
     config = EngineConfig(
         model=ModelConfig(path=cfg.model, quantization=cfg.quantization, dtype=cfg.dtype, device=cfg.device,
-                          load_format=cfg.load_format, seed=cfg.seed),
+                          load_format=cfg.load_format, seed=cfg.seed, enforce_eager=cfg.enforce_eager),
         lora=LoRAConfig(max_lora_rank=cfg.rank, max_loras=max(cfg.num_adapters, 1),
                         max_cpu_loras=max(cfg.num_adapters, 1), max_adapters_per_request=1, derived_rank=cfg.rank),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),

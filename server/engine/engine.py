@@ -29,6 +29,7 @@ from ..model.loader import LoadedModel, load_model
 from ..types import GenerationChunk, GenerationRequest, GenerationResult, StopReason
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .graphs import DecodeGraphs
 from .handle import RequestHandle
 from .kv_cache import allocate_kv_cache, kv_bytes_per_block
 from .mixes import resolve_adapters
@@ -56,14 +57,20 @@ class Engine:
         self.kv_caches = allocate_kv_cache(self.arch, num_blocks, block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler)
-        self.runner = ModelRunner(self.model, self.kv_caches, block_size)
+        model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
+                        self.block_manager.capacity * block_size)
+        graphs = None
+        if self.device.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention re-plans every step: ms of CPU each
+            if not config.model.enforce_eager:
+                graphs = DecodeGraphs(self.model, self.kv_caches, block_size, config.scheduler.max_num_seqs,
+                                      model_len, lora.max_loras)
+        self.runner = ModelRunner(self.model, self.kv_caches, block_size, graphs=graphs)
         self.catalog = AdapterCatalog()
         self.derived_adapters = DerivedAdapterCache(max_entries=2, folder=cache_dir / "derived")
         """TIES / DARE builds, persisted so a restart reuses them; the host tier holds the live copies."""
         self.cache = AdapterCache(self.model, lora.max_loras, lora.max_cpu_loras, self.dtype,
                                   pin_memory=self.device.type == "cuda")
-        model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
-                        self.block_manager.capacity * block_size)
         self.limits = RequestLimits(
             max_model_len=model_len, max_new_tokens_limit=config.scheduler.max_new_tokens_limit,
             default_max_new_tokens=config.scheduler.default_max_new_tokens,

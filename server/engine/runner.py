@@ -8,11 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from ..lora.meta import build_lora_meta
 from ..model.attention import build_attention_meta
 from ..model.layers import rotary_cos_sin
 from ..model.llama import CausalLM, ForwardContext
+from .graphs import DecodeGraphs
 from .sampler import RowSampling, build_sampling_tensors, sample
 from .sequence import Sequence
 
@@ -28,8 +30,10 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches, block_size: int, lora_backend: str = "active"):
+    def __init__(self, model: CausalLM, kv_caches, block_size: int, lora_backend: str = "active",
+                 graphs: DecodeGraphs | None = None):
         self.model = model
+        self.graphs = graphs
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = model.device
@@ -38,6 +42,22 @@ class ModelRunner:
         self.sliding_window = model.arch.sliding_window
 
     def run(self, batch: list[tuple[Sequence, int]], slot_targets: dict[int, frozenset[str]]) -> StepOutput:
+        if self.graphs is not None and all(n == 1 for _, n in batch) and self.graphs.fits(
+                len(batch), max(seq.num_computed + 1 for seq, _ in batch)):
+            with record_function("graph"):
+                logits = self.graphs.run(batch, [seq.lora_pairs() for seq, _ in batch])
+            with record_function("sample"):
+                return self._sample(logits, [seq for seq, _ in batch])
+        with record_function("prepare"):
+            ctx, input_ids, sampled = self._prepare(batch, slot_targets)
+        with record_function("forward"):
+            logits = self.model(input_ids, ctx)
+        if not sampled:
+            return StepOutput(sampled=[], token_ids=[], logprobs=None, top_ids=None, top_logprobs=None)
+        with record_function("sample"):
+            return self._sample(logits, sampled)
+
+    def _prepare(self, batch, slot_targets):
         input_ids: list[int] = []
         query_lens, context_lens, logits_indices, sampled = [], [], [], []
         for seq, n in batch:
@@ -55,9 +75,9 @@ class ModelRunner:
                                self.dtype)
         ctx = ForwardContext(attn=attn, cos=cos, sin=sin, kv_caches=self.kv_caches, lora=lora,
                              logits_indices=self._to_device(logits_indices), lora_backend=self.lora_backend)
-        logits = self.model(self._to_device(input_ids), ctx)
-        if not sampled:
-            return StepOutput(sampled=[], token_ids=[], logprobs=None, top_ids=None, top_logprobs=None)
+        return ctx, self._to_device(input_ids), sampled
+
+    def _sample(self, logits, sampled):
         rows = [self._row(seq) for seq in sampled]
         out = sample(logits, build_sampling_tensors(rows, self.device))
         want_logprobs = any(seq.request.top_logprobs > 0 for seq in sampled)

@@ -76,5 +76,4 @@ def add_lora_active(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Te
             num_tokens, num_active * rank)
     else:
         y = y * token_weights.to(x.dtype)
-    out += y @ b.t()
-    return out
+    return out.addmm_(y, b.t())

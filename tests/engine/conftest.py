@@ -50,7 +50,7 @@ def peft_adapters(embedded_dir, tmp_path_factory):
 
 def peft_greedy(peft_model, prompt_ids: list[int], adapter: str | None, max_new_tokens: int) -> list[int]:
     """PEFT running one request alone: greedy, exactly max_new_tokens new tokens."""
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=peft_model.device)
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                   pad_token_id=2)
     with torch.no_grad():

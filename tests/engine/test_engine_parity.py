@@ -37,10 +37,20 @@ def request(prompt, adapter="", adapters=(), tokens=NEW_TOKENS, **kw):
                              stopping=StoppingCriteria(max_new_tokens=tokens, ignore_eos=True), **kw)
 
 
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def model_fp32(request, smol_fp32, embedded_dir):
+    """Our fp32 model on each device (the PEFT oracle always runs on the CPU in fp32)."""
+    if request.param == "cpu":
+        return smol_fp32
+    from loraplex.server.model.loader import load_model
+
+    return load_model(ModelConfig(path=str(embedded_dir), quantization="none", dtype="float32", device="cuda"))
+
+
 @pytest.fixture(scope="module")
-def engine(smol_fp32, peft_adapters):
+def engine(model_fp32, peft_adapters):
     _, folders = peft_adapters
-    eng = make_engine(smol_fp32)
+    eng = make_engine(model_fp32)
     for name, folder in folders.items():
         eng.register_adapter(name, str(folder))
     yield eng
@@ -106,10 +116,10 @@ def test_join_mid_generation_matches_alone(engine, peft_adapters):
                                                     "ko_r32_patterns", NEW_TOKENS)
 
 
-def test_chunked_prefill_matches_alone(smol_fp32, peft_adapters):
+def test_chunked_prefill_matches_alone(model_fp32, peft_adapters):
     """A token budget smaller than the prompts forces prefill in chunks, beside running decodes."""
     peft_model, folders = peft_adapters
-    eng = make_engine(smol_fp32, max_tokens=16)
+    eng = make_engine(model_fp32, max_tokens=16)
     eng.register_adapter("all_r16", str(folders["all_r16"]))
     prompt = " ".join(PROMPTS)
     results = eng.generate([request(prompt, adapter="all_r16"), request(PROMPTS[2])])
@@ -132,10 +142,10 @@ def test_cancel_frees_kv_blocks(engine):
     assert sum(engine.cache.slot_refs()) == 0
 
 
-def test_eviction_never_hits_an_adapter_in_use(smol_fp32, peft_adapters):
+def test_eviction_never_hits_an_adapter_in_use(model_fp32, peft_adapters):
     """Two slots, three adapters: the third waits for a slot; no running sequence loses its adapter."""
     peft_model, folders = peft_adapters
-    eng = make_engine(smol_fp32, max_loras=2)
+    eng = make_engine(model_fp32, max_loras=2)
     for name in ("qv_r4", "all_r16", "mlp_r8_rslora"):
         eng.register_adapter(name, str(folders[name]))
     plan = [(PROMPTS[0], "qv_r4", 10), (PROMPTS[1], "all_r16", 6), (PROMPTS[2], "mlp_r8_rslora", 6),
@@ -153,7 +163,8 @@ def test_eviction_never_hits_an_adapter_in_use(smol_fp32, peft_adapters):
     eng.stop()
 
 
-def test_nf4_close_to_peft_on_bitsandbytes(embedded_dir, peft_adapters):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nf4_close_to_peft_on_bitsandbytes(embedded_dir, peft_adapters, device):
     """Same fp32 weights quantized by the same bitsandbytes call on both sides (blocksize 64, double
     quant), dequantized and multiplied in fp32: the 4-bit weights are identical, so the greedy tokens
     should agree; we allow one late divergence in case of a near-tie from a different summation order."""
@@ -163,12 +174,13 @@ def test_nf4_close_to_peft_on_bitsandbytes(embedded_dir, peft_adapters):
     from loraplex.server.model.loader import load_model
 
     _, folders = peft_adapters
-    loaded = load_model(ModelConfig(path=str(embedded_dir), quantization="nf4", dtype="float32"))
+    loaded = load_model(ModelConfig(path=str(embedded_dir), quantization="nf4", dtype="float32", device=device))
     eng = make_engine(loaded)
     eng.register_adapter("all_r16", str(folders["all_r16"]))
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(str(embedded_dir), quantization_config=bnb, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(embedded_dir), quantization_config=bnb, dtype=torch.float32,
+                                              device_map=device)
     for module in hf.modules():  # stay on bitsandbytes' standard NF4 path (see tests/model/test_hf_parity.py)
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False

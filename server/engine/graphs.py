@@ -1,0 +1,150 @@
+"""CUDA graphs for decode steps: the whole forward replayed with one launch, no per-op Python.
+
+A decode step (every sequence contributes one token) is padded to a batch bucket and its context to
+a context bucket, and replays the graph captured for (batch bucket, context bucket, LoRA or not).
+Inputs live in static buffers refilled each step with one host->device copy per buffer. With LoRA,
+the graph applies every slot (token weights [B, S], zero for slots a row does not use), so the
+graph does not depend on which adapters a step happens to hold. Padded rows read and write only
+the reserved block 0 and are masked to key 0; their logits are dropped.
+
+Prefill and mixed steps run eagerly: their shapes vary too much to capture.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..lora.meta import LoraBatchMeta
+from ..model.arch import LINEAR_MODULES
+from ..model.attention import AttentionMeta, build_attention_meta
+from ..model.layers import rotary_cos_sin
+from ..model.llama import CausalLM, ForwardContext
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+MIN_CONTEXT_BUCKET = 256
+
+
+def bucket(value: int, buckets) -> int:
+    return next(b for b in buckets if b >= value)
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, kv_caches, block_size: int, max_batch: int, max_context: int,
+                 num_slots: int):
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.device, self.dtype = model.device, model.dtype
+        self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
+        contexts, c = [], MIN_CONTEXT_BUCKET
+        while c < max_context:
+            contexts.append(c)
+            c *= 2
+        self.context_buckets = tuple(contexts) + (-(-max_context // block_size) * block_size,)
+        self.num_slots = num_slots
+        max_b, max_c = self.batch_buckets[-1], self.context_buckets[-1]
+        dev = self.device
+        self.input_ids = torch.zeros(max_b, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_b, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(max_b, dtype=torch.int64, device=dev)
+        self.kv_gather = torch.zeros(max_b, max_c, dtype=torch.int64, device=dev)
+        self.mask = torch.zeros(max_b, 1, 1, max_c, dtype=torch.bool, device=dev)
+        self.token_weights = torch.zeros(max_b, num_slots, dtype=self.dtype, device=dev)
+        self.arange = torch.arange(max_b, device=dev)
+        self.logits = torch.zeros(max_b, model.arch.vocab_size, dtype=torch.float32, device=dev)
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.capture_seconds = 0.0
+
+    def fits(self, num_seqs: int, max_context: int) -> bool:
+        return num_seqs <= self.batch_buckets[-1] and max_context <= self.context_buckets[-1]
+
+    def _forward(self, b: int, c: int, with_lora: bool) -> None:
+        """The captured computation: static buffers in, logits written into self.logits[:b]."""
+        attn = AttentionMeta(
+            positions=self.positions[:b], slot_mapping=self.slot_mapping[:b], kv_gather=self.kv_gather[:b, :c],
+            mask=self.mask[:b, :, :, :c], token_seq=self.arange[:b], token_offset=self.arange[:b] * 0,
+            num_seqs=b, max_query_len=1, decode_only=True)
+        cos, sin = rotary_cos_sin(attn.positions, self.model.inv_freq, self.dtype)
+        lora = None
+        if with_lora:
+            lora = LoraBatchMeta(active=slice(0, self.num_slots), num_active=self.num_slots,
+                                 token_weights=self.token_weights[:b], target_modules=frozenset(LINEAR_MODULES),
+                                 slot_ids=self.arange[:b, None] * 0 - 1, pair_weights=self.token_weights[:b, :1])
+        ctx = ForwardContext(attn=attn, cos=cos, sin=sin, kv_caches=self.kv_caches, lora=lora,
+                             logits_indices=self.arange[:b])
+        self.logits[:b].copy_(self.model(self.input_ids[:b], ctx))
+
+    def _graph(self, b: int, c: int, with_lora: bool) -> torch.cuda.CUDAGraph:
+        key = (b, c, with_lora)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            return graph
+        started = time.monotonic()
+        self._reset_inputs(b)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels, allocator and library handles outside the capture
+                self._forward(b, c, with_lora)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(b, c, with_lora)
+        self.pool = graph.pool()
+        self.graphs[key] = graph
+        seconds = time.monotonic() - started
+        self.capture_seconds += seconds
+        log.info("captured decode graph batch %d context %d lora %s in %.2f s", b, c, with_lora, seconds)
+        return graph
+
+    def _reset_inputs(self, b: int) -> None:
+        """Safe values for capture warm-up: every row is a padded row."""
+        self.input_ids[:b].zero_()
+        self.positions[:b].zero_()
+        self.slot_mapping[:b].zero_()
+        self.kv_gather[:b].zero_()
+        self.mask[:b].zero_()
+        self.mask[:b, :, :, 0] = True
+        self.token_weights[:b].zero_()
+
+    def run(self, batch, lora_pairs: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+        """batch: [(sequence, 1)] all decoding. Returns logits [len(batch), vocab] (a view of a static buffer)."""
+        seqs = [seq for seq, _ in batch]
+        n = len(seqs)
+        context_lens = [seq.num_computed + 1 for seq in seqs]
+        b = bucket(n, self.batch_buckets)
+        c = bucket(max(context_lens), self.context_buckets)
+        with_lora = any(lora_pairs)
+        graph = self._graph(b, c, with_lora)  # capture first: capturing resets the input buffers
+        meta = build_attention_meta([seq.block_table for seq in seqs], context_lens, [1] * n, self.block_size,
+                                    self.model.arch.sliding_window, torch.device("cpu"))
+        kv_gather = torch.zeros(b, c, dtype=torch.int64)
+        kv_gather[:n, :meta.kv_gather.shape[1]] = meta.kv_gather
+        mask = torch.zeros(b, 1, 1, c, dtype=torch.bool)
+        mask[:n, :, :, :meta.mask.shape[-1]] = meta.mask
+        mask[n:, :, :, 0] = True
+        pad = b - n
+        ids = torch.tensor([seq.token_ids(seq.num_computed, seq.num_computed + 1)[0] for seq in seqs] + [0] * pad,
+                           dtype=torch.int64)
+        positions = torch.cat([meta.positions, torch.zeros(pad, dtype=torch.int64)])
+        slots = torch.cat([meta.slot_mapping, torch.zeros(pad, dtype=torch.int64)])
+        self._copy(self.input_ids[:b], ids)
+        self._copy(self.positions[:b], positions)
+        self._copy(self.slot_mapping[:b], slots)
+        self._copy(self.kv_gather[:b, :c], kv_gather)
+        self._copy(self.mask[:b, :, :, :c], mask)
+        if with_lora:
+            weights = torch.zeros(b, self.num_slots, dtype=torch.float32)
+            for row, pairs in enumerate(lora_pairs):
+                for slot, weight in pairs:
+                    weights[row, slot] += weight
+            self._copy(self.token_weights[:b], weights.to(self.dtype))
+        graph.replay()
+        return self.logits[:n]
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src.pin_memory(), non_blocking=True)
