@@ -31,7 +31,7 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"graph {key}: {(time.perf_counter() - started) * 100:.2f} ms per replay", flush=True)
     b, c, _ = next(iter(graphs.graphs))
-    for with_lora in (False, True):
+    for with_lora in (0, 1, graphs.num_slots):
         for _ in range(2):
             graphs._forward(b, c, with_lora)
         torch.cuda.synchronize()
@@ -39,7 +39,7 @@ def main() -> None:
             for _ in range(3):
                 graphs._forward(b, c, with_lora)
             torch.cuda.synchronize()
-        print(f"== eager run of the graph's computation, lora={with_lora} (3 steps)")
+        print(f"== eager run of the graph's computation, adapters={with_lora} (3 steps)")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=70))
     for h in handles:
         h.cancel()
