@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..lora.slots import clear_slot, prepare_for_device, write_slot
+from ..lora.slots import LoraSlots, prepare_for_device
 from .types import AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,9 @@ class _Slot:
 
 
 class AdapterCache:
-    def __init__(self, model, num_slots: int, max_host: int, dtype: torch.dtype, pin_memory: bool):
-        self.model = model
+    def __init__(self, lora_slots: LoraSlots, max_host: int, dtype: torch.dtype, pin_memory: bool):
+        self.lora_slots = lora_slots
+        num_slots = lora_slots.num_slots
         self.dtype, self.pin_memory = dtype, pin_memory
         self.max_host = max_host
         self.stats = CacheStats()
@@ -55,6 +56,8 @@ class AdapterCache:
         self._wanted: Counter[str] = Counter()
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, Exception] = {}
+        self._dropped: set[str] = set()
+        """Deleted adapters still used by running requests: freed when the last one lets go."""
         self._slots = [_Slot() for _ in range(num_slots)]
         self._slot_of: dict[str, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
@@ -86,6 +89,8 @@ class AdapterCache:
                 if self._wanted[key] <= 0:
                     del self._wanted[key]
                     self._failed.pop(key, None)
+                    if key in self._dropped:
+                        self._host.pop(key, None)
             self._trim_host()
 
     def ensure_host(self, key: str, loader: Callable[[], AdapterWeights]) -> str | Exception:
@@ -132,13 +137,16 @@ class AdapterCache:
             excess -= 1
 
     def drop(self, key: str) -> None:
-        """Forget a key (adapter deleted); its slot is freed now if unused, else when released."""
+        """Forget a key (adapter deleted); its slot and host copy go now if unused, else when released."""
         with self._lock:
+            self._dropped.add(key)
             if self._wanted.get(key, 0) <= 0:
                 self._host.pop(key, None)
         slot = self._slot_of.get(key)
-        if slot is not None and self._slots[slot].refs == 0:
-            self._evict(slot)
+        if slot is not None:
+            self._slots[slot].pinned = False
+            if self._slots[slot].refs == 0:
+                self._evict(slot)
 
     # ---- device tier (engine thread only) ----
     def acquire(self, keys: list[str]) -> list[int] | None:
@@ -168,6 +176,8 @@ class AdapterCache:
             state = self._slots[slot]
             state.refs -= 1
             assert state.refs >= 0, f"slot {slot} released more often than acquired"
+            if state.refs == 0 and state.key in self._dropped:
+                self._evict(slot)
 
     def pin(self, key: str) -> int | None:
         """Keep `key` in a slot for good (host-ready required); None if every slot is pinned or busy."""
@@ -188,7 +198,7 @@ class AdapterCache:
             self._evict(slot)
         adapter = self.host_get(key)
         assert adapter is not None, f"{key} is not in the host tier"
-        write_slot(self.model, slot, adapter)
+        self.lora_slots.write(slot, adapter)
         self._slots[slot] = _Slot(key=key, last_used=time.monotonic(), targets=adapter.target_modules)
         self._slot_of[key] = slot
         log.info("adapter %s -> slot %d (%d bytes)", key, slot, adapter.num_bytes)
@@ -197,7 +207,7 @@ class AdapterCache:
         key = self._slots[slot].key
         self._slot_of.pop(key, None)
         self._slots[slot] = _Slot()
-        clear_slot(self.model, slot)
+        self.lora_slots.clear(slot)
         self.stats.evictions += 1
         log.info("adapter %s evicted from slot %d", key, slot)
 

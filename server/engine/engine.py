@@ -24,6 +24,7 @@ from ..adapters.types import AdapterWeights, check_fits
 from ..config import EngineConfig
 from ..errors import (Cancelled, DeadlineExceeded, InvalidAdapter, LoraplexError, ResourceExhausted,
                       Unavailable)
+from ..lora.slots import LoraSlots
 from ..model.embedded import default_cache_dir
 from ..model.loader import LoadedModel, load_model
 from ..types import GenerationChunk, GenerationRequest, GenerationResult, StopReason
@@ -51,7 +52,7 @@ class Engine:
         self.model, self.arch, self.tokenizer = self.loaded.model, self.loaded.arch, self.loaded.tokenizer
         self.device, self.dtype = self.model.device, self.model.dtype
         lora = config.lora
-        self.model.allocate_lora_slots(lora.max_loras, lora.max_lora_rank)
+        self.lora_slots = LoraSlots(self.model, lora.max_loras, lora.max_lora_rank)
         block_size = config.cache.block_size
         num_blocks = config.cache.num_blocks or self._fit_num_blocks(block_size)
         self.kv_caches = allocate_kv_cache(self.arch, num_blocks, block_size, self.dtype, self.device)
@@ -63,13 +64,13 @@ class Engine:
         if self.device.type == "cuda":
             torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention re-plans every step: ms of CPU each
             if not config.model.enforce_eager:
-                graphs = DecodeGraphs(self.model, self.kv_caches, block_size, config.scheduler.max_num_seqs,
-                                      model_len, lora.max_loras)
-        self.runner = ModelRunner(self.model, self.kv_caches, block_size, graphs=graphs)
+                graphs = DecodeGraphs(self.model, self.kv_caches, self.lora_slots, block_size,
+                                      config.scheduler.max_num_seqs, model_len)
+        self.runner = ModelRunner(self.model, self.kv_caches, self.lora_slots, block_size, graphs=graphs)
         self.catalog = AdapterCatalog()
         self.derived_adapters = DerivedAdapterCache(max_entries=2, folder=cache_dir / "derived")
         """TIES / DARE builds, persisted so a restart reuses them; the host tier holds the live copies."""
-        self.cache = AdapterCache(self.model, lora.max_loras, lora.max_cpu_loras, self.dtype,
+        self.cache = AdapterCache(self.lora_slots, lora.max_cpu_loras, self.dtype,
                                   pin_memory=self.device.type == "cuda")
         self.limits = RequestLimits(
             max_model_len=model_len, max_new_tokens_limit=config.scheduler.max_new_tokens_limit,
@@ -185,7 +186,9 @@ class Engine:
         handles = [self.submit(r) for r in requests]
         if self._thread is None:
             while not all(h.done for h in handles):
-                self.step()
+                if not self.step():  # nothing runnable (an adapter loading): let the loader have the GIL
+                    self._wakeup.wait(0.005)
+                    self._wakeup.clear()
         return [h.result(timeout) for h in handles]
 
     # ---- the loop ----

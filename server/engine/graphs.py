@@ -35,9 +35,10 @@ def bucket(value: int, buckets) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model: CausalLM, kv_caches, block_size: int, max_batch: int, max_context: int,
-                 num_slots: int):
+    def __init__(self, model: CausalLM, kv_caches, lora_slots, block_size: int, max_batch: int, max_context: int):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.lora_slots = lora_slots
+        num_slots = lora_slots.num_slots
         self.device, self.dtype = model.device, model.dtype
         self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
         contexts, c = [], MIN_CONTEXT_BUCKET
@@ -79,7 +80,7 @@ class DecodeGraphs:
                                  target_modules=frozenset(LINEAR_MODULES), slot_ids=self.arange[:b, None] * 0 - 1,
                                  pair_weights=self.token_weights[:b, :1])
         ctx = ForwardContext(attn=attn, cos=cos, sin=sin, kv_caches=self.kv_caches, lora=lora,
-                             logits_indices=self.arange[:b])
+                             lora_slots=self.lora_slots, logits_indices=self.arange[:b])
         self.logits[:b].copy_(self.model(self.input_ids[:b], ctx))
 
     def _graph(self, b: int, c: int, u: int) -> torch.cuda.CUDAGraph:

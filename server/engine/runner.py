@@ -30,9 +30,10 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches, block_size: int, lora_backend: str = "active",
+    def __init__(self, model: CausalLM, kv_caches, lora_slots, block_size: int, lora_backend: str = "active",
                  graphs: DecodeGraphs | None = None):
         self.model = model
+        self.lora_slots = lora_slots
         self.graphs = graphs
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -74,7 +75,7 @@ class ModelRunner:
         lora = build_lora_meta([seq.lora_pairs() for seq, _ in batch], query_lens, slot_targets, self.device,
                                self.dtype)
         ctx = ForwardContext(attn=attn, cos=cos, sin=sin, kv_caches=self.kv_caches, lora=lora,
-                             logits_indices=self._to_device(logits_indices), lora_backend=self.lora_backend)
+                             lora_slots=self.lora_slots, logits_indices=self._to_device(logits_indices), lora_backend=self.lora_backend)
         return ctx, self._to_device(input_ids), sampled
 
     def _sample(self, logits, sampled):

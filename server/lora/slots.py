@@ -1,8 +1,10 @@
-"""Moving adapters in and out of the model's fixed LoRA slots.
+"""The engine's fixed LoRA slots, and moving adapters in and out of them.
 
-Every adapted projection holds `lora_a [S, R, in]` and `lora_b_by_out [out, S, R]`. Writing an
-adapter into slot s fills A rows / B columns [:r] and zeroes the rest of that slot in every
-projection, so a slot never leaks a previous adapter's weights into modules the new one lacks.
+For every adapted projection (in model order) two stacks shared by all adapters:
+lora_a [S, R, in] and lora_b_by_out [out, S, R] (B output-major, so a contiguous range of slots is
+a view of the rank-concatenated [out, U*R] matrix). Writing an adapter into slot s fills A rows /
+B columns [:r] and zeroes the rest of that slot in every projection, so a slot never leaks a
+previous adapter's weights into modules the new one lacks.
 """
 from __future__ import annotations
 
@@ -26,27 +28,38 @@ def prepare_for_device(adapter: AdapterWeights, dtype: torch.dtype, pin: bool) -
                           config=adapter.config)
 
 
-def write_slot(model, slot: int, adapter: AdapterWeights) -> None:
-    """Copy a prepared adapter (scale folded, see prepare_for_device) into `slot` of every projection."""
-    for layer, name, projection in model.projections():
-        module = adapter.modules.get((layer, name))
-        a_slot = projection.lora_a[slot]  # [R, in]
-        b_slot = projection.lora_b_by_out[:, slot]  # [out, R]
-        if module is None:
-            a_slot.zero_()
-            b_slot.zero_()
-            continue
-        rank = module.rank
-        if rank > a_slot.shape[0]:
-            raise ValueError(f"adapter {adapter.name!r}: rank {rank} exceeds slot rank {a_slot.shape[0]}")
-        a_slot[:rank].copy_(module.a, non_blocking=True)
-        b_slot[:, :rank].copy_(module.b, non_blocking=True)
-        if rank < a_slot.shape[0]:
-            a_slot[rank:].zero_()
-            b_slot[:, rank:].zero_()
+class LoraSlots:
+    def __init__(self, model, num_slots: int, max_rank: int):
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.keys = [(layer, name) for layer, name, _ in model.projections()]
+        self.stacks = [
+            (torch.zeros(num_slots, max_rank, p.in_features, dtype=model.dtype, device=model.device),
+             torch.zeros(p.out_features, num_slots, max_rank, dtype=model.dtype, device=model.device))
+            for _, _, p in model.projections()]
 
+    def write(self, slot: int, adapter: AdapterWeights) -> None:
+        """Copy a prepared adapter (scale folded, see prepare_for_device) into `slot` of every projection."""
+        for (layer, name), (lora_a, lora_b_by_out) in zip(self.keys, self.stacks):
+            module = adapter.modules.get((layer, name))
+            a_slot, b_slot = lora_a[slot], lora_b_by_out[:, slot]  # [R, in], [out, R]
+            if module is None:
+                a_slot.zero_()
+                b_slot.zero_()
+                continue
+            rank = module.rank
+            if rank > self.max_rank:
+                raise ValueError(f"adapter {adapter.name!r}: rank {rank} exceeds slot rank {self.max_rank}")
+            a_slot[:rank].copy_(module.a, non_blocking=True)
+            b_slot[:, :rank].copy_(module.b, non_blocking=True)
+            if rank < self.max_rank:
+                a_slot[rank:].zero_()
+                b_slot[:, rank:].zero_()
 
-def clear_slot(model, slot: int) -> None:
-    for _, _, projection in model.projections():
-        projection.lora_a[slot].zero_()
-        projection.lora_b_by_out[:, slot].zero_()
+    def clear(self, slot: int) -> None:
+        for lora_a, lora_b_by_out in self.stacks:
+            lora_a[slot].zero_()
+            lora_b_by_out[:, slot].zero_()
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.stacks)

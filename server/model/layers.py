@@ -89,31 +89,23 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
 
 
 class AdaptedProjection(nn.Module):
-    """A base linear plus this projection's LoRA slot stacks, shared by every adapter.
+    """A base linear that adds the step's LoRA deltas; the slot stacks belong to the engine.
 
-    lora_a: [S, R, in]; lora_b_by_out: [out, S, R] (scale folded in). B is stored output-major so
-    that a contiguous range of slots is a view of the rank-concatenated [out, U*R] matrix.
+    `index` numbers the projection in model order; the forward context's `lora_slots` holds its
+    stacks (lora_a [S, R, in], lora_b_by_out [out, S, R]), so one model can serve several engines.
     """
 
     def __init__(self, base: nn.Module, module_name: str):
         super().__init__()
         self.base = base
         self.module_name = module_name
-        self.lora_a: torch.Tensor | None = None
-        self.lora_b_by_out: torch.Tensor | None = None
-
-    def allocate_slots(self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_a = torch.zeros(num_slots, max_rank, self.base.in_features, dtype=dtype, device=device)
-        self.lora_b_by_out = torch.zeros(self.base.out_features, num_slots, max_rank, dtype=dtype, device=device)
-
-    @property
-    def lora_b_stacked(self) -> torch.Tensor:
-        """[S, out, R] view of the B stack."""
-        return self.lora_b_by_out.permute(1, 0, 2)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.index = -1
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         out = self.base(x)
         lora = ctx.lora
         if lora is not None and self.module_name in lora.target_modules:
-            lora_ops.add_lora(out, x, self.lora_a, self.lora_b_stacked, lora, ctx.lora_backend)
+            lora_a, lora_b_by_out = ctx.lora_slots.stacks[self.index]
+            lora_ops.add_lora(out, x, lora_a, lora_b_by_out.permute(1, 0, 2), lora, ctx.lora_backend)
         return out

@@ -27,6 +27,8 @@ class ForwardContext:
     sin: torch.Tensor
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     lora: LoraBatchMeta | None
+    lora_slots: object | None
+    """The engine's LoraSlots (the stacks LoRA meta indexes); None when lora is None."""
     logits_indices: torch.Tensor
     """[N] int64: the tokens whose next-token logits are wanted (last token of each sampled sequence)."""
     lora_backend: str = "active"
@@ -119,6 +121,8 @@ class CausalLM(nn.Module):
         else:
             self.lm_head_weight = nn.Parameter(source.get("lm_head.weight"), requires_grad=False)
         self.register_buffer("inv_freq", inverse_frequencies(arch).to(device), persistent=False)
+        for index, (_, _, projection) in enumerate(self.projections()):
+            projection.index = index
 
     def projections(self):
         """(layer index, module name, AdaptedProjection) for every adaptable linear."""
@@ -127,10 +131,6 @@ class CausalLM(nn.Module):
                 for name, module in block.named_children():
                     if isinstance(module, AdaptedProjection):
                         yield i, name, module
-
-    def allocate_lora_slots(self, num_slots: int, max_rank: int) -> None:
-        for _, _, projection in self.projections():
-            projection.allocate_slots(num_slots, max_rank, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

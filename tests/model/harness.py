@@ -63,7 +63,8 @@ def run_step(model: CausalLM, kv_cache, chunks: list[SeqChunk], block_size: int,
         logits_indices = torch.arange(len(ids))
     else:
         logits_indices = torch.cumsum(torch.tensor(query_lens), 0) - 1
-    ctx = ForwardContext(meta, cos, sin, kv_cache, None, logits_indices.to(device))
+    ctx = ForwardContext(attn=meta, cos=cos, sin=sin, kv_caches=kv_cache, lora=None, lora_slots=None,
+                         logits_indices=logits_indices.to(device))
     return model(ids, ctx)
 
 
