@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:  # bitsandbytes warns at import about optional CPU kernels it does not need
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         if args.command == "demo":
             from .demo import run_demo
