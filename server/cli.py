@@ -1,4 +1,8 @@
-"""`loraplex` command line: one entry point, a subcommand per job, one clear line per user error."""
+"""`loraplex` command line: one entry point, a subcommand per job, one clear line per user error.
+
+Each subcommand is a pair (add_X_parser(sub), run_X(args)) in COMMANDS; training and export plug in
+the same way (an import and a pair each).
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,19 +21,49 @@ def _add_model_args(parser: argparse.ArgumentParser, quantization: str = "nf4") 
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log lifecycle events")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo = sub.add_parser("demo", help="in-process demo: base, two adapters and a 50/50 mix in one batch")
+def add_demo_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="start a server on the embedded model and run a client against it",
+                          description="Starts `loraplex serve` on a free local port, registers the example adapters, "
+                                      "generates with each and with a weighted mix, streams one answer, stops.")
     _add_model_args(demo)
     demo.add_argument("--adapters-dir", default=None, help="folder of example adapters (default: examples/adapters)")
     demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--in-process", action="store_true",
+                      help="no server: base, two adapters and a 50/50 mix in one engine batch")
 
-    from .bench.cli import add_bench_parser
 
-    add_bench_parser(sub)
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as demo
+
+    return demo(args)
+
+
+def commands() -> list:
+    """(add_parser, run) per subcommand. A new one is an import and a pair, e.g.
+    `from loraplex.training.cli import add_train_parser, run_train` and `(add_train_parser, run_train)`."""
+    from .bench.cli import add_bench_parser, run_bench
+    from .service.client_cmds import add_adapters_parser, add_generate_parser, run_adapters, run_generate
+    from .service.serve_cmd import add_serve_parser, run_serve
+    from loraplex.export.cli import add_export_parser, run_export
+    from loraplex.training.cli import add_train_parser, run_train
+
+    return [(add_serve_parser, run_serve), (add_generate_parser, run_generate),
+            (add_adapters_parser, run_adapters), (add_demo_parser, run_demo), (add_bench_parser, run_bench),
+            (add_train_parser, run_train), (add_export_parser, run_export)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log lifecycle events")
+    parser.add_argument("--config", default=os.environ.get("LORAPLEX_CONFIG"), metavar="FILE",
+                        help="TOML settings, tables [serve] and [client] (env LORAPLEX_CONFIG); "
+                             "precedence: flag > env > config file > default")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser, run in commands():
+        before = set(sub.choices)
+        add_parser(sub)
+        for name in set(sub.choices) - before:
+            sub.choices[name].set_defaults(_run=run)
     return parser
 
 
@@ -47,20 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # bitsandbytes warns at import about optional CPU kernels it does not need
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
+        layers = getattr(args, "_layers", None)
+        if layers is not None:
+            from .settings import read_config_file
 
-            return run_demo(args)
-        if args.command == "bench":
-            from .bench.cli import run_bench
-
-            return run_bench(args)
+            layers.resolve(args, read_config_file(args.config))
+        return args._run(args)
     except LoraplexError as exc:
         print(f"loraplex: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 1
+    except Exception as exc:
+        import grpc
+
+        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+            details = exc.details() or ""
+            hint = f" (is `loraplex serve` running at {args.server}?)" if "connect" in details and hasattr(
+                args, "server") else ""
+            print(f"loraplex: error: {exc.code().name}: {details}{hint}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -146,3 +146,57 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache_dir: str | None = None
     """Where converted models and derived adapters are cached; None = ~/.cache/loraplex."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """The gRPC server around the engine: addresses, state, security, limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    """0 = any free port (the server reports the one it bound)."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9400
+    """Prometheus text at http://metrics_host:metrics_port/metrics; 0 = any free port, None = none."""
+    state_dir: str = "loraplex-state"
+    """Registry (registry.json) and one copy of every registered adapter version."""
+    adapter_roots: tuple[str, ...] = ()
+    """Folders RegisterAdapter may read from; none = adapters arrive by upload only."""
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Bearer tokens accepted by the Adapters service; none = no token needed."""
+    generation_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Bearer tokens accepted by the Generation service; none = no token needed."""
+    tls_cert: str | None = None
+    """PEM certificate chain of the server; with tls_key, the server speaks TLS only."""
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mTLS)."""
+    grace_seconds: float = 30.0
+    """On SIGTERM: how long running requests may take to finish before they are cancelled."""
+    max_upload_bytes: int = 1 << 30
+    """Largest UploadAdapter (all files together)."""
+    max_adapter_labels: int = 64
+    """Distinct adapter names that get their own metrics label; later ones are counted as `other`."""
+    stats_flush_seconds: float = 30.0
+    """How often adapter use counts are written to the registry (also on shutdown)."""
+
+    def __post_init__(self):
+        problems = []
+        for name in ("port", "metrics_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name}={getattr(self, name)} (0..65535)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_ca and not self.tls_cert:
+            problems.append("tls_ca (client certificates) needs tls_cert and tls_key")
+        if any(not t for t in (*self.admin_tokens, *self.generation_tokens)):
+            problems.append("tokens must not be empty")
+        if self.grace_seconds < 0:
+            problems.append(f"grace_seconds={self.grace_seconds} (>= 0)")
+        if self.max_upload_bytes < 1:
+            problems.append(f"max_upload_bytes={self.max_upload_bytes} (>= 1)")
+        if self.max_adapter_labels < 0:
+            problems.append(f"max_adapter_labels={self.max_adapter_labels} (>= 0)")
+        if not self.state_dir:
+            problems.append("state_dir is empty")
+        _raise_if(problems, "service config")

@@ -1,4 +1,5 @@
-"""`loraplex demo`: the embedded model serving base, two adapters and their exact 50/50 mix in ONE batch."""
+"""`loraplex demo --in-process`: the embedded model serving base, two adapters and their exact 50/50 mix in
+ONE engine batch, without a server. (`loraplex demo` runs the server and a client: service/demo_client.py.)"""
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,27 @@ def default_adapters_dir() -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if not args.in_process:
+        from .service.demo_client import run_server_demo
+
+        return run_server_demo(args)
+    return run_engine_demo(args)
+
+
+def check_example_adapters(adapters_dir: Path, names: list[str]) -> None:
+    missing = [n for n in names if not (adapters_dir / n / "adapter_config.json").is_file()]
+    if missing:
+        raise ModelLoadError(f"example adapters {', '.join(missing)} not found under {adapters_dir} "
+                             "(make them with: python examples/make_example_adapters.py)")
+
+
+def run_engine_demo(args: argparse.Namespace) -> int:
     from .cli import resolve_device
     from .engine.engine import Engine
 
     adapters_dir = Path(args.adapters_dir) if args.adapters_dir else default_adapters_dir()
     names = ["caps", "pirate"]
-    missing = [n for n in names if not (adapters_dir / n / "adapter_config.json").is_file()]
-    if missing:
-        raise ModelLoadError(f"example adapters {', '.join(missing)} not found under {adapters_dir} "
-                             "(make them with: python examples/make_example_adapters.py)")
+    check_example_adapters(adapters_dir, names)
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     started = time.monotonic()

@@ -71,6 +71,24 @@ class Unimplemented(LoraplexError):
     code = "UNIMPLEMENTED"
 
 
+class FailedPrecondition(LoraplexError):
+    """The request is valid but the server's state refuses it (e.g. unloading a pinned adapter)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(LoraplexError):
+    """No bearer token where one is required."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LoraplexError):
+    """A bearer token that is not the right one."""
+
+    code = "PERMISSION_DENIED"
+
+
 class ConfigError(LoraplexError):
     """A configuration value is wrong; the message lists every problem found."""
 

@@ -148,6 +148,19 @@ class AdapterCache:
             if self._slots[slot].refs == 0:
                 self._evict(slot)
 
+    def unload(self, key: str) -> bool:
+        """Engine thread: drop `key`'s slot and host copy; False (nothing dropped) if pinned or in use."""
+        slot = self._slot_of.get(key)
+        if slot is not None and (self._slots[slot].refs > 0 or self._slots[slot].pinned):
+            return False
+        with self._lock:
+            if self._wanted.get(key, 0) > 0:
+                return False
+            self._host.pop(key, None)
+        if slot is not None:
+            self._evict(slot)
+        return True
+
     # ---- device tier (engine thread only) ----
     def acquire(self, keys: list[str]) -> list[int] | None:
         """Slots for all `keys` (host-ready), refcounted; None if not enough slots can be freed now."""
@@ -179,14 +192,22 @@ class AdapterCache:
             if state.refs == 0 and state.key in self._dropped:
                 self._evict(slot)
 
-    def pin(self, key: str) -> int | None:
-        """Keep `key` in a slot for good (host-ready required); None if every slot is pinned or busy."""
+    def pin(self, key: str, keep_unpinned: int = 1) -> int | None:
+        """Keep `key` in a slot for good (host-ready required); None if the slots are busy or if pinning
+        would leave fewer than `keep_unpinned` slots for every other adapter."""
+        pinned = sum(s.pinned for s in self._slots if s.key != key)
+        if pinned + 1 > len(self._slots) - keep_unpinned:
+            return None
         slots = self.acquire([key])
         if slots is None:
             return None
         self._slots[slots[0]].pinned = True
         self.release(slots)
         return slots[0]
+
+    def slots_possible(self, keys: list[str]) -> int:
+        """Slots a request for `keys` could ever hold: every slot not pinned by another adapter."""
+        return sum(1 for s in self._slots if not s.pinned or s.key in keys)
 
     def unpin(self, key: str) -> None:
         slot = self._slot_of.get(key)

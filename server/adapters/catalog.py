@@ -38,10 +38,14 @@ class AdapterCatalog:
         self._entries: dict[str, AdapterEntry] = {}
         self._last_version: dict[str, int] = {}
 
-    def add(self, entry: AdapterEntry) -> AdapterEntry:
-        """Insert under the next version number of its name; returns the stored entry."""
+    def add(self, entry: AdapterEntry, version: int | None = None) -> AdapterEntry:
+        """Insert under the next version number of its name (or `version`, restored from the persistent
+        registry, which must be newer than any this name had); returns the stored entry."""
         with self._lock:
-            version = self._last_version.get(entry.name, 0) + 1
+            last = self._last_version.get(entry.name, 0)
+            if version is not None and version <= last:
+                raise ValueError(f"adapter {entry.name!r}: version {version} is not newer than {last}")
+            version = version if version is not None else last + 1
             stored = replace(entry, version=version)
             self._entries[entry.name] = stored
             self._last_version[entry.name] = version
@@ -67,6 +71,11 @@ class AdapterCatalog:
                 raise AdapterNotFound(f"adapter {name!r} is not registered", field="name")
             self._entries[name] = replace(self._entries[name], pinned=pinned)
             return self._entries[name]
+
+    def last_version(self, name: str) -> int:
+        """Highest version this name ever had here (0 = never registered)."""
+        with self._lock:
+            return self._last_version.get(name, 0)
 
     def list(self) -> list[AdapterEntry]:
         with self._lock:

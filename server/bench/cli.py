@@ -29,6 +29,9 @@ def add_bench_parser(sub) -> None:
                        help="also run HF generate + PEFT adapter_names in the same process")
     serve.add_argument("--baseline-batches", default=None, help="batch sizes for the baseline (default: --batches)")
     serve.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    from loraplex.training.bench import add_bench_train_parser
+
+    add_bench_train_parser(kinds)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -36,6 +39,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "train":
+        from loraplex.training.bench import run_bench_train
+
+        return run_bench_train(args)
     from .serving import ServeBenchConfig, run_serving_bench
 
     batches = _ints(args.batches)

@@ -12,7 +12,9 @@ import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,8 +24,8 @@ from ..adapters.loader import load_adapter
 from ..adapters.mix_cache import DerivedAdapterCache
 from ..adapters.types import AdapterWeights, check_fits
 from ..config import EngineConfig
-from ..errors import (Cancelled, DeadlineExceeded, InvalidAdapter, LoraplexError, ResourceExhausted,
-                      Unavailable)
+from ..errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidAdapter, LoraplexError,
+                      ResourceExhausted, Unavailable)
 from ..lora.slots import LoraSlots
 from ..model.embedded import default_cache_dir
 from ..model.loader import LoadedModel, load_model
@@ -109,22 +111,26 @@ class Engine:
         return int(blocks)
 
     # ---- adapters ----
-    def register_adapter(self, name: str, path: str, pin: bool = False) -> AdapterEntry:
+    def register_adapter(self, name: str, path: str, pin: bool = False, version: int | None = None) -> AdapterEntry:
         """Validate a PEFT folder against the base and make it usable (a new version if the name exists)."""
         if not name:
             raise InvalidAdapter("name: an adapter needs a name", field="name")
         weights = load_adapter(path, self.arch, self.config.lora.max_lora_rank, name)
-        return self.register_weights(name, weights, pin=pin)
+        return self.register_weights(name, weights, pin=pin, version=version)
 
-    def register_weights(self, name: str, weights: AdapterWeights, pin: bool = False) -> AdapterEntry:
-        """Register adapter weights already in memory (from load_adapter, or built in-process)."""
+    def register_weights(self, name: str, weights: AdapterWeights, pin: bool = False,
+                         version: int | None = None) -> AdapterEntry:
+        """Register adapter weights already in memory (from load_adapter, or built in-process).
+
+        `version`: the number the persistent registry restores (default: the name's next one).
+        """
         check_fits(weights, self.arch, self.config.lora.max_lora_rank)
         first = next(iter(weights.modules.values()))
         entry = self.catalog.add(AdapterEntry(
             name=name, version=0, source=weights.source, sha256=weights.sha256, rank=weights.rank,
             alpha=float(weights.config.get("lora_alpha", first.scale * first.rank)),
             target_modules=tuple(sorted(weights.target_modules)), num_bytes=weights.num_bytes,
-            base_model=str(weights.config.get("base_model_name_or_path") or ""), pinned=pin))
+            base_model=str(weights.config.get("base_model_name_or_path") or ""), pinned=pin), version=version)
         self.cache.put_host(entry.key, self.cache.prepare(weights))
         if pin:
             self._call_on_engine_thread(lambda: self._pin(entry.key))
@@ -141,9 +147,47 @@ class Engine:
         self._call_on_engine_thread(lambda: self._pin(entry.key) if pinned else self.cache.unpin(entry.key))
         return entry
 
+    def load_adapter(self, name: str, timeout: float = 60.0) -> AdapterEntry:
+        """Into host memory (read and validated on the calling thread, never the engine's) and into a
+        device slot when one can be had now; returns the entry (see cache.state_of for where it landed)."""
+        entry = self.catalog.get(name)
+        if self.cache.host_get(entry.key) is None:
+            self.cache.put_host(entry.key, self.cache.prepare(self._disk_loader(entry)()))
+
+        def to_slot():
+            if self.cache.host_get(entry.key) is not None:
+                slots = self.cache.acquire([entry.key])
+                if slots is not None:
+                    self.cache.release(slots)
+        self.run_on_engine_thread(to_slot, timeout)
+        return entry
+
+    def unload_adapter(self, name: str, timeout: float = 60.0) -> AdapterEntry:
+        """Drop the host and device copies (the adapter stays registered); refused while pinned or in use."""
+        entry = self.catalog.get(name)
+        if entry.pinned:
+            raise FailedPrecondition(f"adapter {name!r} is pinned; unpin it before unloading", field="name")
+        if not self.run_on_engine_thread(lambda: self.cache.unload(entry.key), timeout):
+            raise FailedPrecondition(f"adapter {name!r} is in use by running requests; retry when they finish",
+                                     field="name")
+        return entry
+
+    def run_on_engine_thread(self, fn: Callable, timeout: float = 60.0):
+        """Run `fn` between steps on the engine thread (inline when none runs); its result or exception."""
+        future: Future = Future()
+
+        def call():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+        self._call_on_engine_thread(call)
+        return future.result(timeout)
+
     def _pin(self, key: str) -> None:
         if self.cache.host_get(key) is None or self.cache.pin(key) is None:
-            log.warning("could not pin %s now (not in host memory, or every slot busy or pinned)", key)
+            log.warning("could not pin %s now (not in host memory, slots busy, or it would pin the last slot)",
+                        key)
 
     def _disk_loader(self, entry: AdapterEntry):
         def load():
@@ -155,8 +199,12 @@ class Engine:
         return load
 
     # ---- requests ----
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Validate and queue; raises InvalidArgument / AdapterNotFound / ResourceExhausted / Unavailable."""
+    def submit(self, request: GenerationRequest,
+               listener: Callable[[GenerationChunk], None] | None = None) -> RequestHandle:
+        """Validate and queue; raises InvalidArgument / AdapterNotFound / ResourceExhausted / Unavailable.
+
+        `listener`: called on the engine thread with each chunk instead of queueing it (RequestHandle).
+        """
         if not self._accepting:
             raise Unavailable("the engine is shutting down")
         validate_request(request, self.limits)
@@ -166,7 +214,7 @@ class Engine:
         max_new = min(max_new, self.limits.max_model_len - len(prompt_ids))
         request_id = request.request_id or uuid.uuid4().hex
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(64)
-        handle = RequestHandle(request_id)
+        handle = RequestHandle(request_id, listener)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         with self._lock:
             queued = len(self._incoming) + len(self.scheduler.waiting)
@@ -215,6 +263,23 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._incoming or self.scheduler.has_work())
+
+    @property
+    def accepting(self) -> bool:
+        """False once stop() began: submit() raises Unavailable."""
+        return self._accepting
+
+    # ---- gauges (read from any thread, e.g. by the metrics collector) ----
+    def queue_depth(self) -> int:
+        """Requests submitted but not yet running."""
+        return len(self._incoming) + len(self.scheduler.waiting)
+
+    def running_batch_size(self) -> int:
+        return len(self.scheduler.running)
+
+    def kv_usage(self) -> float:
+        """Share of KV blocks in use or promised to running sequences."""
+        return self.block_manager.usage
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -302,7 +367,13 @@ class Engine:
                 return Admission.SKIP
         if not self.block_manager.can_reserve(seq.budget_tokens):
             return Admission.BLOCK
-        slots = self.cache.acquire([need.key for need in seq.needs]) if seq.needs else []
+        keys = [need.key for need in seq.needs]
+        if len(set(keys)) > self.cache.slots_possible(keys):  # would wait forever behind pinned slots
+            self._finish(seq, StopReason.ERROR, ResourceExhausted(
+                f"the request needs {len(set(keys))} adapter slots but other adapters' pins leave "
+                f"{self.cache.slots_possible(keys)}; unpin some or raise max_loras", field="adapters"))
+            return Admission.DROPPED
+        slots = self.cache.acquire(keys) if keys else []
         if slots is None:
             return Admission.BLOCK
         self.block_manager.reserve(seq.seq_id, seq.budget_tokens)

@@ -16,12 +16,13 @@ class RequestHandle:
     to hand chunks to its event loop); otherwise chunks queue up for iteration.
     """
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, listener: Callable[[GenerationChunk], None] | None = None):
         self.request_id = request_id
         self._chunks: queue.Queue[GenerationChunk] = queue.Queue()
         self._cancelled = threading.Event()
         self._done = threading.Event()
-        self.listener: Callable[[GenerationChunk], None] | None = None
+        self.listener = listener
+        """Set before the request is queued (Engine.submit's `listener`) so no chunk can miss it."""
 
     def cancel(self) -> None:
         """Ask the engine to stop this request; it does so at its next step and frees the KV blocks."""

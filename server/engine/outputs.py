@@ -24,11 +24,13 @@ def process_sampled(engine, out) -> None:
         if is_eos:
             reason = StopReason.EOS_TOKEN
             delta = ""
+        if reason is StopReason.NOT_FINISHED and len(seq.output_ids) >= seq.max_new_tokens:
+            reason = StopReason.MAX_TOKENS
+            if seq.detokenizer is not None:  # the last token may end in an incomplete character
+                delta += seq.detokenizer.flush()
         text, stopped = seq.stop_checker.feed(delta)
         if stopped:
             reason = StopReason.STOP_SEQUENCE
-        elif reason is StopReason.NOT_FINISHED and len(seq.output_ids) >= seq.max_new_tokens:
-            reason = StopReason.MAX_TOKENS
         if reason is not StopReason.NOT_FINISHED:
             if not stopped:
                 text += seq.stop_checker.flush()

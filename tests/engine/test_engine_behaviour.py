@@ -318,12 +318,14 @@ def test_disk_reload_runs_off_the_engine_thread_and_never_stalls_others(smol_fp3
 
 def test_pinned_adapter_is_never_evicted(smol_fp32, peft_adapters, tmp_path):
     _, folders = peft_adapters
-    eng = make_engine(smol_fp32, tmp_path, max_loras=2)
+    eng = make_engine(smol_fp32, tmp_path, max_loras=4)
     eng.register_adapter("pinned", str(folders["qv_r4"]), pin=True)
-    for name in ("all_r16", "mlp_r8_rslora", "ko_r32_patterns"):
-        eng.register_adapter(name, str(folders[name]))
+    others = {"all_r16": "all_r16", "mlp_r8_rslora": "mlp_r8_rslora", "ko_r32_patterns": "ko_r32_patterns",
+              "copy": "all_r16"}
+    for name, folder in others.items():
+        eng.register_adapter(name, str(folders[folder]))
     assert eng.cache.state_of("pinned@1") == "DEVICE"
-    for name in ("all_r16", "mlp_r8_rslora", "ko_r32_patterns", "all_r16"):
+    for name in [*others, "all_r16", "copy"]:  # 4 adapters cycle through the 3 unpinned slots
         eng.generate([req(adapter=name, tokens=2)])
         assert eng.cache.state_of("pinned@1") == "DEVICE"
     assert eng.cache.stats.evictions >= 2
@@ -365,3 +367,26 @@ def test_engine_thread_serves_concurrent_submitters(smol_fp32, peft_adapters, tm
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
     eng.stop()
     assert eng.block_manager.num_available_blocks == eng.block_manager.capacity
+
+
+def test_a_mix_that_pins_leave_no_room_for_fails_fast(smol_fp32, peft_adapters, tmp_path):
+    """Pins keep one slot free; a mix needing more unpinned slots than exist fails at once (never
+    waits forever), and unpinning makes it runnable."""
+    _, folders = peft_adapters
+    eng = make_engine(smol_fp32, tmp_path, max_loras=3)
+    names = list(folders)
+    for name in names:
+        eng.register_adapter(name, str(folders[name]), pin=True)
+    assert sum(eng.cache.state_of(f"{n}@1") == "DEVICE" for n in names) == 2  # the last slot stays unpinned
+    pinned = [n for n in names if eng.cache.state_of(f"{n}@1") == "DEVICE"]
+    free = [n for n in names if n not in pinned]
+    mix = dict(adapters=tuple(AdapterWeight(n, 0.5) for n in free), tokens=2)
+    [failed] = eng.generate([req(**mix)])
+    assert failed.stop_reason is StopReason.ERROR and failed.error.code == "RESOURCE_EXHAUSTED"
+    [uses_pinned] = eng.generate([req(adapters=(AdapterWeight(pinned[0], 0.5), AdapterWeight(free[0], 0.5)),
+                                      tokens=2)])
+    assert uses_pinned.stop_reason is StopReason.MAX_TOKENS
+    eng.pin_adapter(pinned[0], False)
+    [ok] = eng.generate([req(**mix)])
+    assert ok.stop_reason is StopReason.MAX_TOKENS
+    eng.stop()

@@ -1,0 +1,285 @@
+"""The persistent adapter registry: one immutable copy per version in the state dir, and registry.json.
+
+    <state_dir>/registry.json             names -> version, sha256, source, pin, stats (atomically replaced)
+    <state_dir>/adapters/<name>/v<N>/     adapter_config.json + adapter_model.safetensors of that version
+    <state_dir>/tmp/                      staging: copies and uploads before they are validated
+
+A registration copies (or receives) the files into staging, validates the copy against the base,
+moves it into place, writes registry.json, and only then hands the weights to the engine; any
+failure undoes every earlier step, so nothing is ever half-registered. Versions never repeat, even
+after a delete; a replaced or deleted version's folder stays until the next start, so requests that
+still run on it can reload it. On start, every recorded adapter is registered again under its own
+version (pinned ones pinned, so preloaded), and folders no record names are removed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import AdapterNotFound, FailedPrecondition, InvalidAdapter
+from .catalog import AdapterEntry
+from .loader import _sha256, load_adapter
+from .sources import check_name, copy_source, remove_tree, resolve_source
+from .types import check_fits
+from .upload import UploadWriter
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+UPLOAD_SOURCE = "upload"
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterStatus:
+    """What AdapterInfo reports: the engine's entry plus where it lives and how it is used."""
+
+    entry: AdapterEntry
+    state: str
+    """REGISTERED, LOADING, HOST or DEVICE."""
+    source: str
+    """The folder it was registered from, or "upload"."""
+    request_count: int
+    last_used: float | None
+    """Unix time of its last use, None = never."""
+
+
+class AdapterRegistry:
+    def __init__(self, engine, state_dir: str | Path, adapter_roots: list[str | Path], max_upload_bytes: int):
+        self.engine = engine
+        self.state_dir = Path(state_dir)
+        self.roots = [Path(r) for r in adapter_roots]
+        self.max_upload_bytes = max_upload_bytes
+        self._lock = threading.RLock()
+        self._records: dict[str, dict] = {}
+        self._last_versions: dict[str, int] = {}
+        self._unusable: dict[str, dict] = {}
+        """Records that failed to load at start: kept on disk untouched, not served."""
+        self._stats_dirty = False
+        try:
+            for sub in ("adapters", "tmp"):
+                (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FailedPrecondition(f"state dir {self.state_dir}: cannot be created ({exc.strerror})") from None
+
+    @property
+    def path(self) -> Path:
+        return self.state_dir / "registry.json"
+
+    # ---- start ----
+    def restore(self) -> list[str]:
+        """Register every recorded adapter again under its version; returns the names now served."""
+        with self._lock:
+            remove_tree(self.state_dir / "tmp")
+            (self.state_dir / "tmp").mkdir(parents=True, exist_ok=True)
+            data = self._read()
+            self._last_versions = {k: int(v) for k, v in data.get("last_versions", {}).items()}
+            restored = []
+            for name, record in sorted(data.get("adapters", {}).items()):
+                try:
+                    self.engine.register_adapter(name, str(self.state_dir / record["path"]),
+                                                 pin=bool(record.get("pinned")),
+                                                 version=int(record["version"]))
+                except Exception as exc:  # a damaged copy must not stop the others, nor the server
+                    log.error("registry: adapter %s@%s not restored (%s); its record is kept", name,
+                              record.get("version"), exc)
+                    self._unusable[name] = record
+                    continue
+                self._records[name] = record
+                restored.append(name)
+            self._remove_unreferenced()
+            log.info("registry: %d adapters restored from %s", len(restored), self.path)
+            return restored
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+            return data
+        except (ValueError, OSError, AttributeError) as exc:
+            raise FailedPrecondition(f"state dir: {self.path} cannot be read ({exc}); fix or move it away "
+                                     "(the server never overwrites a registry it cannot read)") from None
+
+    def _remove_unreferenced(self) -> None:
+        keep = {(self.state_dir / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}
+        for folder in (self.state_dir / "adapters").glob("*/v*"):
+            if folder.resolve() not in keep:
+                remove_tree(folder)
+        for folder in (self.state_dir / "adapters").iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+    # ---- registration ----
+    def register(self, name: str, source: str, pin: bool = False, preload: bool = False) -> AdapterEntry:
+        """From a folder inside the adapter roots."""
+        check_name(name)
+        folder = resolve_source(source, self.roots)
+        staging = self.new_staging()
+        try:
+            copy_source(folder, staging, self.roots, name)
+            if _sha256(folder / "adapter_model.safetensors") != _sha256(staging / "adapter_model.safetensors"):
+                raise InvalidAdapter(f"adapter {name!r}: {folder} changed while it was being copied; retry")
+        except BaseException:
+            remove_tree(staging)
+            raise
+        return self.register_staged(name, staging, str(folder), pin=pin, preload=preload)
+
+    def new_staging(self) -> Path:
+        staging = self.state_dir / "tmp" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        return staging
+
+    def upload_writer(self) -> UploadWriter:
+        return UploadWriter(self.new_staging(), self.max_upload_bytes)
+
+    def register_staged(self, name: str, staging: Path, source: str, pin: bool = False,
+                        preload: bool = False) -> AdapterEntry:
+        """Validate a staged folder, move it into place, persist, then serve it. Consumes `staging`."""
+        final = None
+        try:
+            check_name(name)
+            engine = self.engine
+            weights = load_adapter(staging, engine.arch, engine.config.lora.max_lora_rank, name)
+            check_fits(weights, engine.arch, engine.config.lora.max_lora_rank)
+            with self._lock:
+                version = max(self._last_versions.get(name, 0), engine.catalog.last_version(name)) + 1
+                final = self.state_dir / "adapters" / name / f"v{version}"
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging, final)
+                _fsync_dir(final.parent)
+                previous = self._records.get(name)
+                record = dict(version=version, sha256=weights.sha256, source=source,
+                              path=str(final.relative_to(self.state_dir)),
+                              pinned=bool(pin), registered_at=time.time(),
+                              request_count=previous["request_count"] if previous else 0,
+                              last_used=previous["last_used"] if previous else None)
+                self._records[name] = record
+                self._last_versions[name] = version
+                self._unusable.pop(name, None)
+                try:
+                    self.save()
+                    entry = engine.register_weights(name, replace(weights, source=str(final)), pin=pin,
+                                                    version=version)
+                except BaseException:
+                    self._records.pop(name) if previous is None else self._records.__setitem__(name, previous)
+                    self.save()
+                    raise
+        except BaseException:
+            remove_tree(staging)
+            if final is not None and self._records.get(name, {}).get("path") != str(final.relative_to(self.state_dir)):
+                remove_tree(final)
+            raise
+        log.info("adapter %s registered: version %d from %s (%d bytes)", name, version, source, entry.num_bytes)
+        if pin:
+            engine.run_on_engine_thread(lambda: None)  # the pin happens between steps: wait for it
+        elif preload:
+            try:
+                engine.load_adapter(name)
+            except Exception as exc:  # registered all the same; it loads on first use
+                log.warning("adapter %s: preload failed (%s)", name, exc)
+        return entry
+
+    def delete(self, name: str) -> AdapterEntry:
+        with self._lock:
+            if name not in self._records and name not in self._unusable:
+                raise AdapterNotFound(f"adapter {name!r} is not registered", field="name")
+            previous = self._records.pop(name, None)
+            unusable = self._unusable.pop(name, None)
+            try:
+                self.save()
+            except BaseException:
+                if previous is not None:
+                    self._records[name] = previous
+                if unusable is not None:
+                    self._unusable[name] = unusable
+                raise
+            if previous is None:  # it failed to load at start: only its record existed
+                return AdapterEntry(name=name, version=int(unusable["version"]), source=unusable.get("source", ""),
+                                    sha256=unusable.get("sha256", ""), rank=0, alpha=0.0, target_modules=(),
+                                    num_bytes=0)
+            return self.engine.delete_adapter(name)
+
+    def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
+        with self._lock:
+            record = self._record(name)
+            old = record["pinned"]
+            record["pinned"] = pinned
+            try:
+                self.save()
+            except BaseException:
+                record["pinned"] = old
+                raise
+            entry = self.engine.pin_adapter(name, pinned)
+        self.engine.run_on_engine_thread(lambda: None)  # the pin happens between steps: wait for it
+        return entry
+
+    def _record(self, name: str) -> dict:
+        record = self._records.get(name)
+        if record is None:
+            raise AdapterNotFound(f"adapter {name!r} is not registered", field="name")
+        return record
+
+    # ---- views and stats ----
+    def status(self, name: str) -> AdapterStatus:
+        entry = self.engine.catalog.get(name)
+        with self._lock:
+            record = self._records.get(name, {})
+            return AdapterStatus(entry=entry, state=self.engine.cache.state_of(entry.key),
+                                 source=record.get("source", entry.source),
+                                 request_count=int(record.get("request_count", 0)), last_used=record.get("last_used"))
+
+    def list(self) -> list[AdapterStatus]:
+        statuses = []
+        for entry in self.engine.catalog.list():
+            try:
+                statuses.append(self.status(entry.name))
+            except AdapterNotFound:  # deleted meanwhile
+                continue
+        return statuses
+
+    def record_use(self, names) -> None:
+        """Count a request for each adapter name (persisted with the next save or flush)."""
+        now = time.time()
+        with self._lock:
+            for name in names:
+                record = self._records.get(name)
+                if record is not None:
+                    record["request_count"] = record.get("request_count", 0) + 1
+                    record["last_used"] = now
+                    self._stats_dirty = True
+
+    def flush_stats(self) -> None:
+        with self._lock:
+            if self._stats_dirty:
+                self.save()
+
+    # ---- persistence ----
+    def save(self) -> None:
+        """Write registry.json atomically: a synced temporary file renamed over the old one."""
+        with self._lock:
+            data = dict(format=FORMAT, adapters={**self._unusable, **self._records},
+                        last_versions=self._last_versions)
+            tmp = self.path.with_name(f".registry.json.{os.getpid()}.tmp")
+            with open(tmp, "w") as handle:
+                json.dump(data, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+            _fsync_dir(self.state_dir)
+            self._stats_dirty = False
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

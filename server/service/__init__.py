@@ -1,0 +1,1 @@
+"""The gRPC service around the engine (API: ../shared/API.md; stubs: loraplex.v1, generated from proto/)."""

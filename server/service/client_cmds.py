@@ -1,0 +1,158 @@
+"""`loraplex generate` and `loraplex adapters ...`: client calls against a running server."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..settings import Layers, read_tokens
+
+CLIENT = Layers("client", env_prefix="LORAPLEX_CLIENT_")
+_STATES = {0: "REGISTERED", 1: "LOADING", 2: "HOST", 3: "DEVICE"}
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    add = lambda *flags, **kw: CLIENT.add(p, *flags, **kw)  # noqa: E731
+    add("--server", default="127.0.0.1:50051", env="LORAPLEX_SERVER", help="host:port of the server")
+    add("--token-file", metavar="FILE", help="bearer token to send (else env LORAPLEX_ADMIN_TOKEN for adapters "
+        "commands, LORAPLEX_GENERATION_TOKEN for generate)")
+    add("--tls-ca", metavar="PEM", help="CA to verify the server with (switches to TLS)")
+    add("--tls-cert", metavar="PEM", help="client certificate for mTLS")
+    add("--tls-key", metavar="PEM", help="client private key for mTLS")
+    add("--tls-server-name", help="name to verify in the server certificate")
+    add("--timeout", type=float, help="seconds per call (default: none)")
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="one completion from a running server",
+                       description="Send PROMPT (as a chat message unless --raw) and print the completion.")
+    p.add_argument("prompt", metavar="PROMPT")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", default="", help="a registered adapter's name (default: the base model)")
+    which.add_argument("--mix", type=parse_mix, metavar="A=W,B=W", help="weighted mix, e.g. caps=0.7,pirate=0.3")
+    p.add_argument("--merge-method", default="LINEAR", choices=["LINEAR", "TIES", "DARE_LINEAR", "DARE_TIES"])
+    p.add_argument("--density", type=float, help="TIES / DARE density in (0, 1]")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--raw", action="store_true", help="send PROMPT as raw text, not as a user chat message")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the server's default")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    _add_client_args(p)
+
+
+def add_adapters_parser(sub) -> None:
+    p = sub.add_parser("adapters", help="admin: list, register, upload, delete, pin adapters",
+                       description="Admin calls to a running server's Adapters service.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listed = actions.add_parser("list", help="registered adapters")
+    _add_client_args(listed)
+    for action, help in (("get", "one adapter's details"), ("delete", "unregister (running requests finish)"),
+                         ("pin", "keep in a device slot (persisted)"), ("unpin", "undo pin"),
+                         ("load", "into host memory and a device slot"),
+                         ("unload", "out of memory (stays registered)")):
+        q = actions.add_parser(action, help=help)
+        q.add_argument("name", metavar="NAME")
+        _add_client_args(q)
+    for action, help in (("register", "from PATH on the server's disk, inside its --adapter-root"),
+                         ("upload", "send the PEFT folder PATH from this machine")):
+        q = actions.add_parser(action, help=help)
+        q.add_argument("name", metavar="NAME")
+        q.add_argument("path", metavar="PATH")
+        q.add_argument("--pin", action="store_true", help="pin it (persisted)")
+        q.add_argument("--preload", action="store_true", help="copy it into a device slot now")
+        _add_client_args(q)
+
+
+def parse_mix(text: str) -> list[tuple[str, float]]:
+    parts = []
+    for item in text.split(","):
+        name, sep, weight = item.strip().partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not sep or not name or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=WEIGHT with a finite weight")
+        parts.append((name, value))
+    return parts
+
+
+def _client(args, token_env: str):
+    from .client import Client, ClientConfig
+
+    tokens = read_tokens(args.token_file, token_env)
+    return Client(ClientConfig(target=args.server, token=tokens[0] if tokens else None, tls_ca=args.tls_ca,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+                               timeout=args.timeout))
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from loraplex.v1 import generation_pb2 as gpb
+
+    from .client import chat_request
+
+    sampling = gpb.SamplingParameters(temperature=args.temperature, top_k=args.top_k)
+    if args.top_p is not None:
+        sampling.top_p = args.top_p
+    if args.seed is not None:
+        sampling.seed = args.seed
+    fields = dict(adapter=args.adapter, adapters=[gpb.AdapterWeight(name=n, weight=w) for n, w in args.mix or ()],
+                  merge_method=gpb.MergeMethod.Value(args.merge_method), sampling=sampling,
+                  stopping=gpb.StoppingCriteria(max_new_tokens=args.max_new_tokens, stop_sequences=args.stop))
+    if args.density is not None:
+        fields["density"] = args.density
+    request = gpb.GenerateRequest(prompt=args.prompt, **fields) if args.raw else chat_request(args.prompt, **fields)
+    with _client(args, "LORAPLEX_GENERATION_TOKEN") as client:
+        if not args.stream:
+            print(client.call(client.generation.Generate, request).text)
+            return 0
+        for response in client.call(client.generation.GenerateStream, request):
+            print(response.text, end="", flush=True)
+        print()
+    return 0
+
+
+def run_adapters(args: argparse.Namespace) -> int:
+    from loraplex.v1 import adapters_pb2 as apb
+
+    with _client(args, "LORAPLEX_ADMIN_TOKEN") as client:
+        stub, call = client.adapters, client.call
+        if args.action == "list":
+            infos = call(stub.ListAdapters, apb.ListAdaptersRequest()).adapters
+            print(f"{'NAME':24} {'VER':>4} {'STATE':10} {'PIN':3} {'RANK':>4} {'REQUESTS':>8}  SOURCE")
+            for info in infos:
+                print(f"{info.name:24} {info.version:>4} {_STATES.get(info.state, '?'):10} "
+                      f"{'yes' if info.pinned else '':3} {info.rank:>4} {info.request_count:>8}  {info.source}")
+            return 0
+        if args.action == "register":
+            info = call(stub.RegisterAdapter, apb.RegisterAdapterRequest(
+                name=args.name, source=_server_path(args.path), pin=args.pin, preload=args.preload)).adapter
+        elif args.action == "upload":
+            if not Path(args.path).is_dir():
+                raise ConfigError(f"{args.path}: not a folder (expected a PEFT adapter folder)")
+            info = client.upload(args.name, args.path, pin=args.pin, preload=args.preload)
+        else:
+            method, message = {"get": (stub.GetAdapter, apb.GetAdapterRequest),
+                               "delete": (stub.DeleteAdapter, apb.DeleteAdapterRequest),
+                               "pin": (stub.PinAdapter, apb.PinAdapterRequest),
+                               "unpin": (stub.UnpinAdapter, apb.UnpinAdapterRequest),
+                               "load": (stub.LoadAdapter, apb.LoadAdapterRequest),
+                               "unload": (stub.UnloadAdapter, apb.UnloadAdapterRequest)}[args.action]
+            info = call(method, message(name=args.name)).adapter
+    verb = {"get": "", "delete": "deleted ", "register": "registered ", "upload": "uploaded ", "pin": "pinned ",
+            "unpin": "unpinned ", "load": "loaded ", "unload": "unloaded "}[args.action]
+    print(f"{verb}{info.name} version {info.version}: rank {info.rank}, {_STATES.get(info.state, '?')}"
+          f"{', pinned' if info.pinned else ''}, {info.size_bytes} bytes, sha256 {info.sha256[:12]}, "
+          f"source {info.source}", file=sys.stdout)
+    return 0
+
+
+def _server_path(path: str) -> str:
+    """A relative PATH that exists here is sent absolute (same machine); otherwise as given (relative to a root)."""
+    return os.path.abspath(path) if not os.path.isabs(path) and os.path.exists(path) else path

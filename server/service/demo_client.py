@@ -1,0 +1,121 @@
+"""`loraplex demo`: start `loraplex serve` on a free local port, then be its client.
+
+Registers the example adapters (caps, pirate), calls Generate for the base model, each adapter and
+their 50/50 mix (at once: they share batches), streams one answer, and stops the server with
+SIGTERM (it drains and exits 0).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from ..demo import QUESTION, check_example_adapters, default_adapters_dir
+from ..errors import ModelLoadError
+
+NAMES = ("caps", "pirate")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _adapters_dir(args) -> Path:
+    if args.adapters_dir:
+        return Path(args.adapters_dir).resolve()
+    for candidate in (default_adapters_dir(), Path.cwd() / "examples" / "adapters"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return default_adapters_dir()
+
+
+def serve_command(port: int, state_dir: str, adapters_dir: Path, args) -> list[str]:
+    command = [sys.executable, "-m", "loraplex.server.cli", "serve", "--port", str(port), "--no-metrics",
+               "--state-dir", state_dir, "--adapter-root", str(adapters_dir), "--quantization", args.quantization,
+               "--max-lora-rank", "16", "--max-loras", "4", "--max-cpu-loras", "8", "--max-num-seqs", "8",
+               "--max-num-batched-tokens", "256", "--grace-seconds", "10"]
+    for flag in ("model", "dtype", "device"):
+        if getattr(args, flag):
+            command += [f"--{flag}", getattr(args, flag)]
+    return command
+
+
+def run_server_demo(args: argparse.Namespace) -> int:
+    from loraplex.v1 import adapters_pb2 as apb
+    from loraplex.v1 import generation_pb2 as gpb
+
+    from .client import Client, ClientConfig, chat_request
+
+    adapters_dir = _adapters_dir(args)
+    check_example_adapters(adapters_dir, list(NAMES))
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="loraplex-demo-") as state_dir:
+        log_path = Path(state_dir) / "server.log"
+        started = time.monotonic()
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(serve_command(port, state_dir + "/state", adapters_dir, args),
+                                      stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with Client(ClientConfig(target=f"127.0.0.1:{port}")) as client:
+                print(f"loraplex serve: starting on 127.0.0.1:{port} (pid {server.pid}) ...", flush=True)
+                try:
+                    client.wait_serving(timeout=600, alive=lambda: server.poll() is None)
+                except (RuntimeError, TimeoutError) as exc:
+                    tail = "\n".join(log_path.read_text().splitlines()[-15:])
+                    raise ModelLoadError(f"{exc}; its log ends with:\n{tail}") from None
+                info = client.call(client.generation.ModelInfo, gpb.ModelInfoRequest())
+                print(f"server SERVING in {time.monotonic() - started:.1f} s: {info.base_model}, "
+                      f"{info.quantization}, {info.device}\n")
+                for name in NAMES:
+                    adapter = client.call(client.adapters.RegisterAdapter, apb.RegisterAdapterRequest(
+                        name=name, source=str(adapters_dir / name))).adapter
+                    print(f"RegisterAdapter {name!r}: version {adapter.version}, rank {adapter.rank}, "
+                          f"targets {', '.join(adapter.target_modules)}")
+                _generate_all(client, gpb, chat_request, args.max_new_tokens)
+                _stream_one(client, gpb, chat_request, args.max_new_tokens)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                code = server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                code = server.wait()
+        print(f"\nserver stopped (SIGTERM -> exit {code})")
+        return 0 if code == 0 else 1
+
+
+def _generate_all(client, gpb, chat_request, max_new_tokens: int) -> None:
+    stopping = gpb.StoppingCriteria(max_new_tokens=max_new_tokens)
+    rows = [("base model", {}), ("adapter 'caps'", dict(adapter="caps")), ("adapter 'pirate'", dict(adapter="pirate")),
+            ("mix 0.5 caps + 0.5 pirate", dict(adapters=[gpb.AdapterWeight(name="caps", weight=0.5),
+                                                         gpb.AdapterWeight(name="pirate", weight=0.5)]))]
+    started = time.monotonic()
+    futures = [client.call(client.generation.Generate.future, chat_request(QUESTION, stopping=stopping, **kw))
+               for _, kw in rows]  # concurrent: the engine batches them together
+    results = [f.result() for f in futures]
+    seconds = time.monotonic() - started
+    print(f"\nQ: {QUESTION}\n")
+    for (label, _), result in zip(rows, results):
+        print(f"[Generate: {label}]" + (f" ({result.adapter_version})" if result.adapter_version else ""))
+        print(textwrap.indent(textwrap.fill(result.text.strip(), 88), "  "))
+        print()
+    tokens = sum(r.generated_tokens for r in results)
+    print(f"{len(rows)} concurrent Generate calls: {tokens} tokens in {seconds:.1f} s")
+
+
+def _stream_one(client, gpb, chat_request, max_new_tokens: int) -> None:
+    question = "Tell me about the sea."
+    print(f"\n[GenerateStream: adapter 'pirate'] {question}\n  ", end="", flush=True)
+    request = chat_request(question, adapter="pirate", stopping=gpb.StoppingCriteria(max_new_tokens=max_new_tokens))
+    last = None
+    for last in client.call(client.generation.GenerateStream, request):
+        print(last.text, end="", flush=True)
+    print(f"\n  (stop_reason {gpb.StopReason.Name(last.stop_reason)}, {last.generated_tokens} tokens)")

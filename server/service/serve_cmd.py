@@ -1,0 +1,100 @@
+"""`loraplex serve`: flags (layered with the config file and env) -> EngineConfig + ServiceConfig -> serve."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from ..config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServiceConfig
+from ..settings import Layers, read_tokens
+
+SERVE = Layers("serve")
+
+
+def default_state_dir() -> str:
+    return str(Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "loraplex")
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server (embedded model unless --model)",
+                       description="Run the gRPC server. Settings: flag > env > config file [serve] > default.")
+    add = lambda *flags, **kw: SERVE.add(p, *flags, **kw)  # noqa: E731
+    add("--model", help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    add("--quantization", default="nf4", choices=["nf4", "bf16", "fp16", "none"], help="base weights")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    add("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add("--max-model-len", type=int, help="longest prompt + completion (default: the model's)")
+    add("--adapter-root", action="append", env="LORAPLEX_ADAPTER_ROOTS", metavar="DIR",
+        help="folder RegisterAdapter may read adapters from; repeat for several (env: os.pathsep-separated)")
+    add("--state-dir", default=default_state_dir(), help="registry and adapter copies")
+    add("--cache-dir", help="converted models and derived adapters (default: ~/.cache/loraplex)")
+    add("--host", default="127.0.0.1", help="listen address")
+    add("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    add("--metrics-host", default="127.0.0.1", help="metrics listen address")
+    add("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0 = any free port)")
+    add("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    add("--admin-token-file", metavar="FILE",
+        help="bearer tokens (one per line) the Adapters service requires; else env LORAPLEX_ADMIN_TOKEN, else none")
+    add("--generation-token-file", metavar="FILE",
+        help="bearer tokens the Generation service requires; else env LORAPLEX_GENERATION_TOKEN, else none")
+    add("--tls-cert", metavar="PEM", help="server certificate chain (TLS with --tls-key)")
+    add("--tls-key", metavar="PEM", help="server private key")
+    add("--tls-ca", metavar="PEM", help="CA that client certificates must chain to (mTLS)")
+    add("--grace-seconds", type=float, default=30.0, help="on SIGTERM, time running requests get to finish")
+    add("--max-upload-bytes", type=int, default=1 << 30, help="largest UploadAdapter")
+    add("--max-loras", type=int, default=8, help="adapter slots on the device (distinct adapters per step)")
+    add("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
+    add("--max-cpu-loras", type=int, default=64, help="validated adapters kept in host memory")
+    add("--max-adapters-per-request", type=int, default=8, help="most adapters in one weighted mix")
+    add("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
+    add("--max-num-batched-tokens", type=int, default=512, help="tokens per forward step")
+    add("--max-waiting", type=int, default=256, help="bounded queue; beyond it RESOURCE_EXHAUSTED")
+    add("--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask")
+    add("--default-max-new-tokens", type=int, default=128, help="when a request leaves max_new_tokens at 0")
+    add("--kv-cache-bytes", type=int, default=512 << 20, help="KV cache size on the CPU")
+    add("--max-adapter-labels", type=int, default=64, help="adapter names with their own metrics label")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineConfig]:
+    """Service settings first: their mistakes are reported before torch is even imported."""
+    service = ServiceConfig(
+        host=args.host, port=args.port, metrics_host=args.metrics_host,
+        metrics_port=None if args.no_metrics else args.metrics_port, state_dir=args.state_dir,
+        adapter_roots=tuple(str(Path(r).expanduser().resolve()) for r in args.adapter_root or ()),
+        admin_tokens=read_tokens(args.admin_token_file, "LORAPLEX_ADMIN_TOKEN"),
+        generation_tokens=read_tokens(args.generation_token_file, "LORAPLEX_GENERATION_TOKEN"),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, grace_seconds=args.grace_seconds,
+        max_upload_bytes=args.max_upload_bytes, max_adapter_labels=args.max_adapter_labels)
+    from ..cli import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    max_loras = args.max_loras
+    engine = EngineConfig(
+        model=ModelConfig(path=args.model, quantization=args.quantization, dtype=dtype, device=device,
+                          max_model_len=args.max_model_len),
+        lora=LoRAConfig(max_lora_rank=args.max_lora_rank, max_loras=max_loras, max_cpu_loras=args.max_cpu_loras,
+                        max_adapters_per_request=min(args.max_adapters_per_request, max_loras),
+                        derived_rank=min(64, args.max_lora_rank)),
+        cache=CacheConfig(cpu_cache_bytes=args.kv_cache_bytes),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_waiting=args.max_waiting, max_new_tokens_limit=args.max_new_tokens_limit,
+                                  default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit)),
+        cache_dir=args.cache_dir)
+    return service, engine
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    service, engine = configs_from_args(args)
+
+    def ready(server):
+        metrics = f", metrics on http://{service.metrics_host}:{server.metrics_port}/metrics" \
+            if server.metrics_port else ""
+        print(f"loraplex: serving on {service.host}:{server.port}{metrics}", file=sys.stderr, flush=True)
+
+    asyncio.run(serve(service, engine, on_ready=ready))
+    return 0

@@ -1,0 +1,167 @@
+"""The grpc.aio server: services, health, reflection, TLS, metrics, and the drain on SIGTERM.
+
+Lifecycle: `start()` listens at once with health NOT_SERVING; `load()` builds the engine (model,
+KV cache) off the event loop, restores the registry and turns health SERVING; `stop()` turns
+health NOT_SERVING, refuses new generations (UNAVAILABLE), lets running ones finish for the grace
+period, cancels the rest, persists the registry and closes the listener.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+from ..adapters.registry import AdapterRegistry
+from ..config import EngineConfig, ServiceConfig
+from ..errors import ConfigError
+from .admin import AdaptersServicer
+from .interceptors import ErrorInterceptor, TokenAuthInterceptor
+from .metrics import ServiceMetrics
+from .runtime import Runtime
+from .servicer import GenerationServicer
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+ADAPTERS_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
+MAX_MESSAGE_BYTES = 16 << 20
+"""Largest single gRPC message (uploads stream files in chunks well under this)."""
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path} ({exc.strerror})") from None
+
+
+def server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    ca = _read(config.tls_ca, "--tls-ca") if config.tls_ca else None
+    return grpc.ssl_server_credentials([(_read(config.tls_key, "--tls-key"), _read(config.tls_cert, "--tls-cert"))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
+class LoraplexServer:
+    def __init__(self, config: ServiceConfig, engine_config: EngineConfig, loaded=None):
+        self.config, self.engine_config, self.loaded = config, engine_config, loaded
+        metrics = ServiceMetrics(lambda: self.runtime.engine, config.max_adapter_labels) \
+            if config.metrics_port is not None else None
+        self.runtime = Runtime(config=config, metrics=metrics)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._flusher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Listen (health NOT_SERVING until load() finishes)."""
+        config = self.config
+        server = grpc.aio.server(
+            interceptors=[TokenAuthInterceptor(config.admin_tokens, config.generation_tokens), ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.runtime), server)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.runtime), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [GENERATION_SERVICE, ADAPTERS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address} ({exc})") from None
+        if not port:
+            raise ConfigError(f"cannot listen on {address} (in use?)")
+        await server.start()
+        self._server, self.port = server, port
+        if self.runtime.metrics is not None:
+            try:
+                self.metrics_port = self.runtime.metrics.serve(config.metrics_host, config.metrics_port)
+            except OSError as exc:
+                await server.stop(None)
+                raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port} "
+                                  f"({exc.strerror})") from None
+        log.info("listening on %s:%d (%s), metrics on %s", config.host, port, "TLS" if credentials else "plaintext",
+                 f"{config.metrics_host}:{self.metrics_port}" if self.metrics_port else "off")
+
+    async def load(self) -> None:
+        """Load the model and restore the registry off the event loop, then report SERVING."""
+        from ..engine.engine import Engine
+
+        engine = await asyncio.to_thread(Engine, self.engine_config, self.loaded)
+        registry = AdapterRegistry(engine, self.config.state_dir, list(self.config.adapter_roots),
+                                   self.config.max_upload_bytes)
+        try:
+            await asyncio.to_thread(registry.restore)
+        except BaseException:
+            engine.stop()
+            raise
+        engine.start()
+        self.runtime.engine, self.runtime.registry = engine, registry
+        self._flusher = asyncio.create_task(self._flush_stats())
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s with %d adapters", engine.loaded.model_id, len(engine.catalog.list()))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, no new work, running work finishes within `grace` or is cancelled."""
+        grace = self.config.grace_seconds if grace is None else grace
+        self.runtime.draining = True  # new calls: UNAVAILABLE from here on
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        engine, registry = self.runtime.engine, self.runtime.registry
+        if engine is not None:
+            await asyncio.to_thread(engine.stop, grace)  # running requests finish, or are cancelled at `grace`
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._server is not None:
+            await self._server.stop(1.0)  # handlers send their last messages
+        if registry is not None:
+            await asyncio.to_thread(registry.save)
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.close()
+        log.info("stopped")
+
+    async def _set_health(self, status) -> None:
+        for service in ("", GENERATION_SERVICE, ADAPTERS_SERVICE):
+            await self.health.set(service, status)
+
+    async def _flush_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_flush_seconds)
+            try:
+                await asyncio.to_thread(self.runtime.registry.flush_stats)
+            except OSError as exc:
+                log.warning("could not write adapter stats: %s", exc)
+
+
+async def serve(config: ServiceConfig, engine_config: EngineConfig, on_ready=None) -> None:
+    """Run until SIGTERM / SIGINT, then drain and return (the CLI exits 0)."""
+    server = LoraplexServer(config, engine_config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.create_task(server.load())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        await server.stop(0)
+        raise loading.exception()
+    if not stopping.done():
+        if on_ready is not None:
+            on_ready(server)
+        await stopping
+    else:
+        loading.cancel()
+    log.info("signal received: draining for up to %.0f s", config.grace_seconds)
+    await server.stop()

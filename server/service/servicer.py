@@ -1,0 +1,133 @@
+"""The Generation service: validate and convert, submit to the engine thread, stream its chunks back.
+
+The engine calls a request's listener on its own thread; the listener hands each chunk to this
+RPC's event loop (call_soon_threadsafe). When the client cancels or its deadline passes, the RPC
+task is cancelled and the request's handle with it; the engine also knows the deadline, so either
+way generation stops at its next step and its KV blocks are freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib.metadata
+import time
+
+from loraplex.v1 import generation_pb2 as gpb
+from loraplex.v1 import generation_pb2_grpc
+
+from ..engine.requests import tokenize_request
+from ..errors import FailedPrecondition, InvalidArgument, LoraplexError
+from ..types import GenerationChunk, GenerationRequest
+from . import convert
+from .runtime import Runtime
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    async def Generate(self, request, context):
+        chunks = []
+        async with contextlib.aclosing(self._run(request, context)) as stream:
+            async for chunk in stream:
+                if chunk.error is not None:
+                    raise chunk.error
+                chunks.append(chunk)
+        return convert.response_from_chunks(chunks)
+
+    async def GenerateStream(self, request, context):
+        async with contextlib.aclosing(self._run(request, context)) as stream:
+            async for chunk in stream:
+                yield convert.response_from_chunks([chunk])
+                if chunk.error is not None:  # the last message says CANCELLED / ERROR, the status says why
+                    raise chunk.error
+
+    async def _run(self, message, context):
+        """The request's chunks as the engine emits them; records metrics and adapter use."""
+        started = time.monotonic()
+        engine = self.runtime.require_engine()
+        remaining = context.time_remaining()
+        label, code, generated, first, last = "base", "OK", 0, None, None
+        handle = None
+        try:
+            request = convert.request_from_proto(message, started + remaining if remaining is not None else None)
+            label = self._label(request)
+            loop = asyncio.get_running_loop()
+            chunks: asyncio.Queue[GenerationChunk] = asyncio.Queue()
+
+            def listener(chunk: GenerationChunk) -> None:  # engine thread
+                try:
+                    loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+                except RuntimeError:  # the event loop is gone: the server stopped
+                    pass
+
+            handle = engine.submit(request, listener=listener)
+            self.runtime.registry.record_use([request.adapter] if request.adapter else
+                                             [a.name for a in request.adapters])
+            while True:
+                chunk = await chunks.get()
+                if chunk.token_ids:
+                    last = time.monotonic()
+                    first = first or last
+                generated = chunk.generated_tokens
+                if chunk.finished and chunk.error is not None:
+                    code = getattr(chunk.error, "code", "INTERNAL")
+                yield chunk
+                if chunk.finished:
+                    return
+        except LoraplexError as exc:
+            code = exc.code
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED" if remaining is None or time.monotonic() - started < remaining else "DEADLINE_EXCEEDED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            if handle is not None and not handle.done:
+                handle.cancel()
+            if self.runtime.metrics is not None:
+                per_token = (last - first) / (generated - 1) if first is not None and generated > 1 else None
+                self.runtime.metrics.observe(label, code, generated, first - started if first else None, per_token)
+
+    def _label(self, request: GenerationRequest) -> str:
+        metrics = self.runtime.metrics
+        return metrics.label(request.adapter, mixed=bool(request.adapters)) if metrics is not None else ""
+
+    async def Tokenize(self, request, context):
+        engine = self.runtime.require_engine()
+        if engine.tokenizer is None:
+            raise FailedPrecondition("this model has no tokenizer")
+        which = request.WhichOneof("input")
+        if which is None or (which == "text" and not request.text):
+            raise InvalidArgument("text: the input is empty", field="text")
+        if which == "messages":
+            generation = GenerationRequest(messages=convert.messages_from_proto(request.messages))
+            if not generation.messages:
+                raise InvalidArgument("messages: the input is empty", field="messages")
+        else:
+            generation = GenerationRequest(prompt=request.text)
+        unlimited = dataclasses.replace(engine.limits, max_model_len=1 << 62)  # tokenizing is not generating
+        ids = tokenize_request(generation, engine.tokenizer, unlimited)
+        tokens = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_tokens else []
+        return gpb.TokenizeResponse(token_ids=ids, tokens=tokens)
+
+    async def ModelInfo(self, request, context):
+        engine = self.runtime.require_engine()
+        lora = engine.config.lora
+        return gpb.ModelInfoResponse(
+            base_model=engine.loaded.model_id, quantization=engine.loaded.quantization,
+            max_context=engine.limits.max_model_len, max_lora_rank=lora.max_lora_rank, adapter_slots=lora.max_loras,
+            device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+            max_new_tokens_limit=engine.limits.max_new_tokens_limit,
+            max_adapters_per_request=lora.max_adapters_per_request, host_adapter_slots=lora.max_cpu_loras,
+            server_version=_version())
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("loraplex")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
