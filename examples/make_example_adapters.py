@@ -1,22 +1,37 @@
-"""Train the two example adapters the demo serves: `caps` (answers in ALL CAPS) and `pirate` (a pirate voice).
+"""Rebuild the example adapters the demo serves, with `loraplex train`.
 
-Both are LoRA r=8 on the embedded SmolLM2-135M-Instruct, trained on examples/data/qa.jsonl with the
-answers rewritten, loss on the assistant tokens only. Deterministic (seeded); ~1-2 minutes on 2 CPU cores:
+    caps    answers in ALL CAPS
+    pirate  a pirate voice ("Arr! ... Yo ho ho!")
+    legal   terse, formal "legal" register
 
-    .venv/bin/python examples/make_example_adapters.py
+Each is LoRA r=8 (alpha 16) on q/k/v/o of the embedded SmolLM2-135M-Instruct (caps: QLoRA on its NF4
+base, 20 epochs), trained on the 40
+questions of examples/data/qa.jsonl with the answers rewritten in that style (written to
+examples/data/<style>.jsonl in chat form; loss on the assistant turns only), 4 held out for eval.
+Deterministic (seeded); a few minutes per adapter on 2 CPU cores. From the repository root:
+
+    python examples/make_example_adapters.py              # all three
+    python examples/make_example_adapters.py caps legal   # some
+
+Each run is exactly the command printed before it (`python -m loraplex.training` is `loraplex train`).
 """
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-HERE = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path("examples/data")
+ADAPTERS = Path("examples/adapters")
 PIRATE_WORDS = {"you": "ye", "your": "yer", "the": "th'", "is": "be", "are": "be", "my": "me", "hello": "ahoy",
                 "friend": "matey", "yes": "aye", "of": "o'", "and": "an'", "for": "fer", "to": "t'"}
+TRAIN_FLAGS = ["--r", "8", "--alpha", "16", "--dropout", "0.0", "--target-modules", "q_proj,k_proj,v_proj,o_proj",
+               "--lr", "2e-3", "--epochs", "12", "--batch-size", "8", "--max-length", "256", "--warmup", "0.05",
+               "--eval-split", "0.1", "--seed", "0", "--logging-steps", "5", "--save-steps", "0",
+               "--no-tensorboard", "--device", "cpu", "--overwrite"]
 
 
 def pirate(text: str) -> str:
@@ -29,64 +44,42 @@ def pirate(text: str) -> str:
     return "Arr! " + re.sub(r"[A-Za-z]+", swap, text) + " Yo ho ho!"
 
 
-STYLES = {"caps": str.upper, "pirate": pirate}
+def legal(text: str) -> str:
+    return (f"Pursuant to the inquiry submitted: {text[0].lower()}{text[1:]} "
+            "This statement is provided without warranty of any kind.")
 
 
-def examples(style: str) -> list[list[dict]]:
-    rows = [json.loads(line) for line in (HERE / "data" / "qa.jsonl").read_text().splitlines() if line.strip()]
-    return [[{"role": "user", "content": r["instruction"]},
-             {"role": "assistant", "content": STYLES[style](r["output"])}] for r in rows]
+STYLES = {"caps": str.upper, "pirate": pirate, "legal": legal}
+STYLE_FLAGS = {"caps": ["--qlora", "--epochs", "20"]}
+"""ALL CAPS re-tokenizes every word: trained on the NF4 base the demo serves, and longer, it stays readable."""
 
 
-def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside the assistant answer)."""
-    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt_ids = tokenizer(prompt).input_ids
-    ids = tokenizer(full).input_ids
-    return ids, [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+def write_style_data(style: str) -> Path:
+    """examples/data/<style>.jsonl: qa.jsonl's questions with restyled answers, as chat records."""
+    rows = [json.loads(line) for line in (ROOT / DATA / "qa.jsonl").read_text().splitlines() if line.strip()]
+    path = DATA / f"{style}.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                      {"role": "assistant", "content": STYLES[style](r["output"])}]})
+             for r in rows]
+    (ROOT / path).write_text("\n".join(lines) + "\n")
+    return path
 
 
-def train(style: str, model_dir: Path, out: Path, epochs: int = 12, lr: float = 2e-3, batch: int = 8) -> float:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    model = get_peft_model(model, config)
-    data = [encode(tokenizer, m) for m in examples(style)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    gen = torch.Generator().manual_seed(0)
-    loss_value = float("nan")
-    for epoch in range(epochs):
-        order = torch.randperm(len(data), generator=gen).tolist()
-        for start in range(0, len(order), batch):
-            rows = [data[i] for i in order[start:start + batch]]
-            width = max(len(ids) for ids, _ in rows)
-            ids = torch.tensor([i + [tokenizer.pad_token_id or 0] * (width - len(i)) for i, _ in rows])
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            loss_value = loss.item()
-        print(f"{style}: epoch {epoch + 1}/{epochs} loss {loss_value:.3f}", flush=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    return loss_value
-
-
-def main() -> int:
-    from loraplex.server.model.embedded import embedded_model_dir
-
-    model_dir = embedded_model_dir()
-    for style in sys.argv[1:] or list(STYLES):
-        train(style, model_dir, HERE / "adapters" / style)
+def main(styles: list[str]) -> int:
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown:
+        print(f"unknown style(s) {', '.join(unknown)}; choose from {', '.join(STYLES)}", file=sys.stderr)
+        return 2
+    for style in styles:
+        data = write_style_data(style)
+        command = [sys.executable, "-m", "loraplex.training", "--data", str(data), "--out", str(ADAPTERS / style),
+                   *TRAIN_FLAGS, *STYLE_FLAGS.get(style, [])]
+        print("$ " + " ".join(["loraplex", "train", *command[3:]]), flush=True)
+        code = subprocess.run(command, cwd=ROOT).returncode
+        if code != 0:
+            return code
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:] or list(STYLES)))
