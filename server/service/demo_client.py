@@ -1,8 +1,8 @@
 """`loraplex demo`: start `loraplex serve` on a free local port, then be its client.
 
-Registers the example adapters (caps, pirate), calls Generate for the base model, each adapter and
-their 50/50 mix (at once: they share batches), streams one answer, and stops the server with
-SIGTERM (it drains and exits 0).
+Registers the example adapters (caps, pirate, legal), calls Generate for the base model, each adapter
+and the 50/50 mix of caps and pirate (at once: they share batches), streams one answer, and stops the
+server with SIGTERM (it drains and exits 0).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from ..demo import QUESTION, check_example_adapters, default_adapters_dir
 from ..errors import ModelLoadError
 
-NAMES = ("caps", "pirate")
+NAMES = ("caps", "pirate", "legal")
 
 
 def free_port() -> int:
@@ -95,6 +95,7 @@ def run_server_demo(args: argparse.Namespace) -> int:
 def _generate_all(client, gpb, chat_request, max_new_tokens: int) -> None:
     stopping = gpb.StoppingCriteria(max_new_tokens=max_new_tokens)
     rows = [("base model", {}), ("adapter 'caps'", dict(adapter="caps")), ("adapter 'pirate'", dict(adapter="pirate")),
+            ("adapter 'legal'", dict(adapter="legal")),
             ("mix 0.5 caps + 0.5 pirate", dict(adapters=[gpb.AdapterWeight(name="caps", weight=0.5),
                                                          gpb.AdapterWeight(name="pirate", weight=0.5)]))]
     started = time.monotonic()

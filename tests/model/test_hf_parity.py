@@ -324,7 +324,8 @@ def _hf_nf4(folder):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, quantization_config=quant)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, quantization_config=quant,
+                                                 device_map="cpu")  # beside ours, also on a GPU machine
     # On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight on the first forward into a CPU
     # layout with *bf16* absmax (lossy, machine dependent; it also fails on shapes as small as the tiny
     # model's). Keep transformers on bitsandbytes' standard NF4 path, the one our NF4Linear calls.
