@@ -5,7 +5,7 @@ import hashlib
 import math
 from pathlib import Path
 
-from loraplex.server.model.embedded import file_sha256
+from loraplex.server.hashing import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 

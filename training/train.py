@@ -185,7 +185,7 @@ def _summary(cfg, runtime, world_size, base_dir, trainer, result, trainable, tra
     import torch
     import transformers
 
-    from loraplex.server.model.embedded import file_sha256
+    from loraplex.server.hashing import file_sha256
 
     history = trainer.state.log_history
     losses = [(e["step"], e["loss"]) for e in history if "loss" in e]

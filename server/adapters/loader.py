@@ -7,7 +7,6 @@ module, and what was expected against what was found (vLLM lora_model.py does th
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import AdapterMismatch, InvalidAdapter
+from ..hashing import file_sha256
 from ..model.arch import LINEAR_MODULES, ModelArch
 from .peft_format import (ADAPTER_WEIGHTS, PICKLE_SUFFIXES, PeftLoraConfig, is_embedding_key, lora_target,
                           parse_key, read_lora_config, unsupported_features)
@@ -45,7 +45,7 @@ def load_adapter(folder: str | Path, arch: ModelArch, max_rank: int, name: str) 
         raise InvalidAdapter(f"adapter {name!r}: unsupported PEFT features: " + "; ".join(reasons))
     weights_path = _weights_file(folder, name)
     stamp = _stamp(weights_path)
-    sha256 = _sha256(weights_path)
+    sha256 = file_sha256(weights_path)
     tensors = _read_tensors(weights_path, arch, name)
     if _stamp(weights_path) != stamp:  # the sha must describe exactly the bytes we validated
         raise InvalidAdapter(f"adapter {name!r}: {weights_path} changed while it was being loaded")
@@ -161,14 +161,6 @@ def _check_module(name: str, path: str, a: torch.Tensor, b: torch.Tensor, in_out
 def _stamp(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _shape(shape) -> str:

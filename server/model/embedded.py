@@ -6,7 +6,6 @@ pulls llama-cpp).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,6 @@ def embedded_gguf_path() -> Path:
     if not ggufs:
         raise ModelLoadError(f"no .gguf file in {folder}")
     return ggufs[0]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_gguf(gguf: Path, cache_dir: Path | None = None, model_id: str | None = None) -> Path:
