@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ..errors import AdapterNotFound, FailedPrecondition, InvalidAdapter
 from .catalog import AdapterEntry
-from .loader import _sha256, load_adapter
+from ..hashing import file_sha256
+from .loader import load_adapter
 from .sources import check_name, copy_source, remove_tree, resolve_source
 from .types import check_fits
 from .upload import UploadWriter
@@ -82,9 +83,7 @@ class AdapterRegistry:
             restored = []
             for name, record in sorted(data.get("adapters", {}).items()):
                 try:
-                    self.engine.register_adapter(name, str(self.state_dir / record["path"]),
-                                                 pin=bool(record.get("pinned")),
-                                                 version=int(record["version"]))
+                    self._restore_one(name, record)
                 except Exception as exc:  # a damaged copy must not stop the others, nor the server
                     log.error("registry: adapter %s@%s not restored (%s); its record is kept", name,
                               record.get("version"), exc)
@@ -95,6 +94,16 @@ class AdapterRegistry:
             self._remove_unreferenced()
             log.info("registry: %d adapters restored from %s", len(restored), self.path)
             return restored
+
+    def _restore_one(self, name: str, record: dict) -> None:
+        """Validate the kept copy as at registration, and check it is the very file that was registered."""
+        engine, folder = self.engine, self.state_dir / record["path"]
+        weights = load_adapter(folder, engine.arch, engine.config.lora.max_lora_rank, name)
+        if record.get("sha256") and weights.sha256 != record["sha256"]:
+            raise InvalidAdapter(f"{folder / 'adapter_model.safetensors'} changed on disk since it was registered "
+                                 f"(sha256 {weights.sha256[:12]}..., recorded {record['sha256'][:12]}...)")
+        engine.register_weights(name, replace(weights, source=str(folder)), pin=bool(record.get("pinned")),
+                                version=int(record["version"]), registered_at=record.get("registered_at"))
 
     def _read(self) -> dict:
         if not self.path.exists():
@@ -125,7 +134,7 @@ class AdapterRegistry:
         staging = self.new_staging()
         try:
             copy_source(folder, staging, self.roots, name)
-            if _sha256(folder / "adapter_model.safetensors") != _sha256(staging / "adapter_model.safetensors"):
+            if file_sha256(folder / "adapter_model.safetensors") != file_sha256(staging / "adapter_model.safetensors"):
                 raise InvalidAdapter(f"adapter {name!r}: {folder} changed while it was being copied; retry")
         except BaseException:
             remove_tree(staging)
@@ -167,7 +176,7 @@ class AdapterRegistry:
                 try:
                     self.save()
                     entry = engine.register_weights(name, replace(weights, source=str(final)), pin=pin,
-                                                    version=version)
+                                                    version=version, registered_at=record["registered_at"])
                 except BaseException:
                     self._records.pop(name) if previous is None else self._records.__setitem__(name, previous)
                     self.save()

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..adapters.cache import LOADING, READY, AdapterCache
+from ..adapters.cache import READY, AdapterCache
 from ..adapters.catalog import AdapterCatalog, AdapterEntry
 from ..adapters.loader import load_adapter
 from ..adapters.mix_cache import DerivedAdapterCache
@@ -119,10 +119,10 @@ class Engine:
         return self.register_weights(name, weights, pin=pin, version=version)
 
     def register_weights(self, name: str, weights: AdapterWeights, pin: bool = False,
-                         version: int | None = None) -> AdapterEntry:
+                         version: int | None = None, registered_at: float | None = None) -> AdapterEntry:
         """Register adapter weights already in memory (from load_adapter, or built in-process).
 
-        `version`: the number the persistent registry restores (default: the name's next one).
+        `version`, `registered_at`: what the persistent registry restores (default: the next version, now).
         """
         check_fits(weights, self.arch, self.config.lora.max_lora_rank)
         first = next(iter(weights.modules.values()))
@@ -130,7 +130,8 @@ class Engine:
             name=name, version=0, source=weights.source, sha256=weights.sha256, rank=weights.rank,
             alpha=float(weights.config.get("lora_alpha", first.scale * first.rank)),
             target_modules=tuple(sorted(weights.target_modules)), num_bytes=weights.num_bytes,
-            base_model=str(weights.config.get("base_model_name_or_path") or ""), pinned=pin), version=version)
+            base_model=str(weights.config.get("base_model_name_or_path") or ""), pinned=pin,
+            registered_at=time.time() if registered_at is None else float(registered_at)), version=version)
         self.cache.put_host(entry.key, self.cache.prepare(weights))
         if pin:
             self._call_on_engine_thread(lambda: self._pin(entry.key))

@@ -241,8 +241,8 @@ def test_restart_restores_versions_pins_and_stats(client, server, smol_fp32, ada
     try:
         with Client(ClientConfig(target=restarted.target, timeout=60)) as again:
             after = {a.name: a for a in again.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters}
-            assert {n: (a.version, a.sha256, a.pinned, a.source) for n, a in after.items()} == {
-                n: (a.version, a.sha256, a.pinned, a.source) for n, a in before.items()}
+            assert {n: (a.version, a.sha256, a.pinned, a.source, a.registered_at) for n, a in after.items()} == {
+                n: (a.version, a.sha256, a.pinned, a.source, a.registered_at) for n, a in before.items()}
             assert {n: a.request_count for n, a in after.items()} == counts
             assert all(a.state == apb.DEVICE for a in after.values() if a.pinned)
             for name, tokens in outputs.items():
@@ -278,6 +278,14 @@ def test_damaged_copy_is_skipped_and_kept(smol_fp32, tmp_path, adapter_root):
     engine.stop()
     weights = tmp_path / "state" / "adapters" / "hurt" / "v1" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    swapped = tmp_path / "state" / "adapters" / "good" / "v1" / "adapter_model.safetensors"
+    original = swapped.read_bytes()
+    swapped.write_bytes((adapter_root / "pirate" / "adapter_model.safetensors").read_bytes())  # valid, not its own
+    engine = Engine(engine_config_for_tests(tmp_path / "cache"), loaded=smol_fp32)
+    registry = AdapterRegistry(engine, tmp_path / "state", [adapter_root], MAX_UPLOAD)
+    assert registry.restore() == []  # a replaced file is not served as if it were the registered one
+    engine.stop()
+    swapped.write_bytes(original)
     engine = Engine(engine_config_for_tests(tmp_path / "cache"), loaded=smol_fp32)
     registry = AdapterRegistry(engine, tmp_path / "state", [adapter_root], MAX_UPLOAD)
     assert registry.restore() == ["good"]
