@@ -20,6 +20,7 @@ from ..engine.requests import tokenize_request
 from ..errors import FailedPrecondition, InvalidArgument, LoraplexError
 from ..types import GenerationChunk, GenerationRequest
 from . import convert
+from .metrics import OTHER_LABEL
 from .runtime import Runtime
 
 
@@ -52,7 +53,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         handle = None
         try:
             request = convert.request_from_proto(message, started + remaining if remaining is not None else None)
-            label = self._label(request)
+            label = self._label(request, registered=False)
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[GenerationChunk] = asyncio.Queue()
 
@@ -63,6 +64,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     pass
 
             handle = engine.submit(request, listener=listener)
+            label = self._label(request)  # the name is known now: it may take one of the capped labels
             self.runtime.registry.record_use([request.adapter] if request.adapter else
                                              [a.name for a in request.adapters])
             while True:
@@ -92,9 +94,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 per_token = (last - first) / (generated - 1) if first is not None and generated > 1 else None
                 self.runtime.metrics.observe(label, code, generated, first - started if first else None, per_token)
 
-    def _label(self, request: GenerationRequest) -> str:
+    def _label(self, request: GenerationRequest, registered: bool = True) -> str:
+        """The metrics label; a name not yet known to be registered is "other", so junk cannot use up the cap."""
         metrics = self.runtime.metrics
-        return metrics.label(request.adapter, mixed=bool(request.adapters)) if metrics is not None else ""
+        if metrics is None:
+            return ""
+        if request.adapter and not registered:
+            return OTHER_LABEL
+        return metrics.label(request.adapter, mixed=bool(request.adapters))
 
     async def Tokenize(self, request, context):
         engine = self.runtime.require_engine()

@@ -130,6 +130,9 @@ def test_deadline_reaches_the_engine(client, server):
 
 def test_metrics_series_labels_and_cap(client, server):
     before = server.metrics()
+    for unknown in ("missing-1", "missing-2", "missing-3"):  # NOT_FOUND: counted as "other", takes no label
+        with pytest.raises(grpc.RpcError):
+            client.generation.Generate(request(tokens=2, adapter=unknown))
     for name in NAMES:  # max_adapter_labels=3: the fourth distinct name is counted as "other"
         client.generation.Generate(request(tokens=2, adapter=name))
     client.generation.Generate(request(tokens=2, adapters=[gpb.AdapterWeight(name="caps", weight=0.5)]))
@@ -139,6 +142,7 @@ def test_metrics_series_labels_and_cap(client, server):
     m = server.metrics()
     labels = {key.split('adapter="')[1].split('"')[0] for key in m if key.startswith("loraplex_requests_total{")}
     assert labels <= {"base", "mix", "other", *NAMES[:3]} and {"mix", "other"} <= labels
+    assert len(labels & set(NAMES)) == 3  # unknown names did not use up the cap
     assert m['loraplex_requests_total{adapter="other",code="NOT_FOUND"}'] >= 1
     mix_tokens = 'loraplex_generated_tokens_total{adapter="mix"}'
     assert m[mix_tokens] - before.get(mix_tokens, 0) == 2
