@@ -97,16 +97,44 @@ def run_batch(manifest: Manifest, options: BatchOptions = BatchOptions()) -> Bat
             for job in jobs:
                 record(run_item(*job))
         else:
-            import multiprocessing
-
-            context = multiprocessing.get_context("spawn")  # torch and fork do not mix
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                futures = [pool.submit(run_item, *job) for job in jobs]
-                for future in as_completed(futures):
-                    record(future.result())
+            run_in_workers(run_item, jobs, workers, record, lambda job: _died_entry(job[0]))
     finally:
         bar.close()
     return BatchSummary(path, counts["done"], counts["skipped"], counts["failed"])
+
+
+def run_in_workers(fn, jobs: list[tuple], workers: int, record, died) -> None:
+    """record(fn(*job)) for every job, in `workers` spawned processes.
+
+    A worker that dies (killed for memory, a segfault) breaks the whole pool and every job still in it;
+    those jobs are rerun one process each, so only the job that kills its process again is lost, and it is
+    recorded as died(job): the other items go on.
+    """
+    for job in _run_in_pool(fn, jobs, workers, record):
+        if _run_in_pool(fn, [job], 1, record):
+            record(died(job))
+
+
+def _run_in_pool(fn, jobs: list[tuple], workers: int, record) -> list[tuple]:
+    """The jobs lost to a worker that died; the others' results went to record."""
+    import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    lost = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(fn, *job): job for job in jobs}
+        for future in as_completed(futures):
+            try:
+                record(future.result())
+            except BrokenProcessPool:
+                lost.append(futures[future])
+    return lost
+
+
+def _died_entry(item: ExportItem) -> dict:
+    return {"name": item.name, "status": "failed", "item": item.to_dict(), "outputs": {},
+            "error": "its worker process died (killed for memory, or crashed); see the system log", "seconds": None}
 
 
 def recipe_key(item: ExportItem, base: BaseModel, fmt: str) -> str:

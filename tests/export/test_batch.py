@@ -177,3 +177,21 @@ def test_kubernetes_job_runs_one_shard_per_index():
     command = " ".join(container.get("command", []) + container.get("args", []))
     assert "export batch" in command and f"--shard ${{JOB_COMPLETION_INDEX}}/{spec['completions']}" in command
     assert spec["template"]["spec"]["restartPolicy"] == "Never" and spec.get("backoffLimitPerIndex", 0) >= 1
+
+
+def _job_that_may_die(name: str) -> dict:
+    """A worker job for test_a_dying_worker_fails_only_its_item: 'boom' kills its process."""
+    if name == "boom":
+        os._exit(9)
+    return {"name": name, "status": "done"}
+
+
+def test_a_dying_worker_fails_only_its_item():
+    from loraplex.export.batch import run_in_workers
+
+    recorded = []
+    names = ["a", "boom", "b", "c", "d"]
+    run_in_workers(_job_that_may_die, [(n,) for n in names], 2, recorded.append,
+                   lambda job: {"name": job[0], "status": "failed"})
+    assert sorted((e["name"], e["status"]) for e in recorded) == sorted(
+        [(n, "failed" if n == "boom" else "done") for n in names])
