@@ -1,6 +1,7 @@
 """`export merge` end to end: validate, merge, write the HF checkpoint (optionally NF4), atomically."""
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -8,8 +9,10 @@ from pathlib import Path
 
 from .base import BaseModel
 from .hf import DTYPES, MAX_SHARD_BYTES, TOKENIZER_FILES, write_checkpoint
-from .merge import MergeRecipe, load_adapters, merged_tensors, start_report
+from .merge import MergeRecipe, load_adapters, merged_tensors, start_report, trained_on_warnings
 from .outputs import INFO_FILE, staged_output, tree_bytes, write_json
+
+log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "nf4")
 
@@ -43,6 +46,9 @@ def export_checkpoint(base: BaseModel, request: CheckpointRequest) -> dict:
     with staged_output(out, request.force) as stage:
         adapters = load_adapters(request.recipe, base)  # every validation error before any weight is written
         report = start_report(request.recipe, adapters)
+        report.warnings.extend(trained_on_warnings(adapters, base))
+        for warning in report.warnings:
+            log.warning("%s", warning)
         extra = {"loraplex_export": {"base": base.model_id, "base_sha256": base.sha256,
                                      "merge": request.recipe.to_dict()}}
         tensors = merged_tensors(base, adapters, request.recipe, report)
@@ -63,7 +69,7 @@ def export_checkpoint(base: BaseModel, request: CheckpointRequest) -> dict:
         info = {"format": "hf", "base": {"path": str(base.path), "model_id": base.model_id, "sha256": base.sha256},
                 "merge": {"recipe": report.recipe, "adapters": report.adapters,
                           "num_tensors_changed": report.num_tensors_changed, "max_abs_delta": report.max_abs_delta,
-                          "seconds": round(report.seconds, 3)},
+                          "seconds": round(report.seconds, 3), "warnings": report.warnings},
                 "dtype": request.dtype, "quantization": quantization, "bytes": tree_bytes(stage),
                 "seconds": round(time.perf_counter() - started, 3)}
         write_json(stage / INFO_FILE, info)

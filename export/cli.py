@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -38,7 +37,8 @@ def _merge_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--base-weights", default="checkpoint", choices=["checkpoint", "nf4"],
                         help="merge into the checkpoint's weights, or into them as the NF4 server computes with them")
     parser.add_argument("--allow-mixed-bases", action="store_true",
-                        help="merge adapters whose adapter_config.json names different bases")
+                        help="merge adapters whose adapter_config.json names different bases, or another base "
+                             "than --base")
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:

@@ -148,6 +148,32 @@ def _check_same_base(adapters: list[LoadedAdapter]) -> None:
         seen.setdefault(key, adapter.spec.label)
 
 
+def trained_on_warnings(adapters: list[LoadedAdapter], base: BaseModel) -> list[str]:
+    """Adapters whose adapter_config.json names another model than `base`, as warnings.
+
+    Shapes were checked (load_adapter): a mismatch there is an error. Equal shapes across different
+    bases (base vs instruct, Llama 3 vs 3.1) can only be told by name, and names are unreliable (a hub
+    id, a local copy, a path on the training machine), so this warns rather than refuses. A name
+    matches when it is the base's folder, or its last path part equals the base's model id's or folder's.
+    """
+    names = {_model_name(base.model_id), Path(base.path).name.lower()}
+    found = []
+    for adapter in adapters:
+        named = adapter.base_model
+        if not named or _model_name(named) in names:
+            continue
+        path = Path(named).expanduser()
+        if path.exists() and path.resolve() == Path(base.path).resolve():
+            continue
+        found.append(f"adapter {adapter.spec.label!r} names {named!r} as its base (base_model_name_or_path), "
+                     f"not {base.model_id!r}; its shapes fit, so it is merged, but check it was trained on this base")
+    return found
+
+
+def _model_name(name: str | None) -> str | None:
+    return Path(name.rstrip("/")).name.lower() if name else None
+
+
 def _base_key(name: str | None) -> str | None:
     if not name:
         return None

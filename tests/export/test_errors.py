@@ -1,6 +1,7 @@
 """Bad inputs give one clear line and exit code 2, and never leave an output that looks complete."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -30,6 +31,19 @@ def test_adapter_for_another_base(cli, capsys, tiny, tmp_path, embedded_dir):
     assert cli("merge", "--base", embedded_dir, "--adapter", tiny["a"], "--out", out) == 2
     assert "trained for a different base model" in _one_line_error(capsys)
     assert not out.exists() and no_partials(tmp_path)
+
+
+def test_adapter_naming_another_base_of_the_same_shapes_warns(cli, capsys, caplog, tiny, tmp_path):
+    """Shapes fit, so only the names tell: merged, with a warning printed and kept in export_info.json."""
+    out = tmp_path / "out"
+    assert cli("merge", "--base", tiny["base"], "--adapter", tiny["foreign"], "--out", out) == 0
+    [warning] = json.loads((out / "export_info.json").read_text())["merge"]["warnings"]
+    assert "other-base" in warning and "check it was trained on this base" in warning
+    assert warning in caplog.text
+    caplog.clear()
+    assert cli("merge", "--base", tiny["other_base"], "--adapter", tiny["foreign"], "--out", tmp_path / "o2") == 0
+    assert json.loads((tmp_path / "o2" / "export_info.json").read_text())["merge"]["warnings"] == []
+    assert "check it was trained" not in caplog.text
 
 
 def test_missing_adapter_files(cli, capsys, tiny, tmp_path):
