@@ -40,6 +40,9 @@ class TrainBenchConfig:
     seq_len: int = 1024
     batch_size: int = 4
     """Rows (ours: packed rows of seq_len; baseline: examples) per step."""
+    baseline_batch_size: int | None = None
+    """Examples per step for the baseline, when not batch_size: a packed row holds several examples, so
+    about batch_size * seq_len / mean length gives both the same tokens per step."""
     steps: int = 20
     warmup_steps: int = 3
     num_examples: int = 512
@@ -57,6 +60,8 @@ def add_bench_train_parser(bench_subparsers) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--baseline-batch-size", type=int, default=None,
+                   help="examples per step for PEFT + Trainer (default: --batch-size)")
     p.add_argument("--steps", type=int, default=d.steps, help="measured steps")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--num-examples", type=int, default=d.num_examples)
@@ -69,6 +74,7 @@ def run_bench_train(args: argparse.Namespace, say=print) -> int:
     from loraplex.server.bench.cli import environment
 
     cfg = TrainBenchConfig(model=args.model, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size,
+                           baseline_batch_size=args.baseline_batch_size,
                            steps=args.steps, warmup_steps=args.warmup_steps, num_examples=args.num_examples,
                            rank=args.rank, impls=tuple(i for i in args.impls.split(",") if i))
     env = environment(cfg.device)
@@ -174,6 +180,7 @@ def bench_one(cfg: TrainBenchConfig, impl: str) -> dict:
         model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.05,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
         rows, collator, trainer_class, extra = unpacked(examples), _Counting(_pad_collate), Trainer, {}
+    batch_size = cfg.batch_size if impl == "loraplex" else cfg.baseline_batch_size or cfg.batch_size
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -184,7 +191,7 @@ def bench_one(cfg: TrainBenchConfig, impl: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=cfg.warmup_steps + cfg.steps,
+            output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=cfg.warmup_steps + cfg.steps,
             learning_rate=2e-4, bf16=cuda, use_cpu=not cuda, optim="paged_adamw_8bit" if cuda else "adamw_torch",
             logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
             label_names=["labels"], seed=cfg.seed, dataloader_drop_last=True)
@@ -200,7 +207,7 @@ def bench_one(cfg: TrainBenchConfig, impl: str) -> dict:
         "impl": impl, "steps_measured": len(step_times), "tokens_per_s": sum(tokens) / sum(step_times),
         "step_s": sum(step_times) / len(step_times), "tokens_per_step": sum(tokens) / len(tokens),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,  # CPU: not measured
-        "loss_first": losses[0], "loss_last": losses[-1], "rows": len(rows)}
+        "loss_first": losses[0], "loss_last": losses[-1], "rows": len(rows), "batch_size": batch_size}
     del trainer, model
     _reset_memory(cuda)
     return result

@@ -22,7 +22,7 @@ def test_bench_runs_both_implementations_and_writes_json(tmp_path, tiny_base, ca
     parser = argparse.ArgumentParser()
     add_bench_train_parser(parser.add_subparsers(dest="bench_command"))
     args = parser.parse_args(["train", "--model", str(tiny_base), "--device", "cpu", "--seq-len", "128",
-                              "--batch-size", "2", "--steps", "2", "--warmup-steps", "1", "--num-examples", "24",
+                              "--batch-size", "2", "--baseline-batch-size", "3", "--steps", "2", "--warmup-steps", "1", "--num-examples", "24",
                               "--rank", "4", "--out", str(tmp_path)])
     assert run_bench_train(args) == 0
     [path] = tmp_path.glob("train-cpu-*.json")
@@ -32,6 +32,7 @@ def test_bench_runs_both_implementations_and_writes_json(tmp_path, tiny_base, ca
     for r in (ours, peft):
         assert r["steps_measured"] == 2 and r["tokens_per_s"] > 0 and r["loss_first"] > 0
     assert ours["rows"] < peft["rows"] == 24  # packed rows vs one example per row
+    assert (ours["batch_size"], peft["batch_size"]) == (2, 3)
     assert ours["tokens_per_step"] > peft["tokens_per_step"]  # packing fills rows
     assert report["ratios"]["tokens_per_s"] > 0
     assert "loraplex / peft:" in capsys.readouterr().out
