@@ -100,7 +100,7 @@ class ExportDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past_key_values: torch.Tensor):
-        arch, dtype = self.arch, self.dtype
+        dtype = self.dtype
         x = self.embed_tokens(input_ids)  # [B, S, H]
         freqs = position_ids.float()[..., None] * self.inv_freq  # [B, S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]

@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except LoraplexError as exc:
         print(f"loraplex: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the user named: missing, unreadable, a folder where a file goes ...
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"loraplex: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
