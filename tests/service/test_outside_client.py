@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +17,7 @@ from .conftest import BROKEN, PROMPTS, free_port, scrape, wait_for
 from .reflection_client import ReflectionClient
 
 ADMIN_TOKEN = "admin-secret-token"
-LIMITS = dict(max_new_tokens_limit=64, max_model_len=512, max_waiting=40, max_num_seqs=8)
+LIMITS = dict(max_new_tokens_limit=64, max_model_len=512, max_waiting=40, max_num_seqs=32)
 
 
 class ServeProcess:
@@ -25,7 +26,7 @@ class ServeProcess:
         command = [sys.executable, "-m", "loraplex.server.cli", "serve", "--quantization", "none",
                    "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--state-dir", str(state_dir),
                    "--adapter-root", str(adapter_root), "--admin-token-file", str(token_file),
-                   "--max-lora-rank", "16", "--max-loras", "4", "--kv-cache-bytes", str(64 << 20),
+                   "--max-lora-rank", "16", "--max-loras", "4", "--kv-cache-bytes", str(256 << 20),
                    "--grace-seconds", "5", "--max-num-batched-tokens", "256"]
         for key, value in LIMITS.items():
             command += [f"--{key.replace('_', '-')}", str(value)]
@@ -246,10 +247,23 @@ def _streamed(client, prompt, spec, tokens=10) -> tuple[list[int], str]:
 def test_32_concurrent_streams_each_equal_to_alone(served):
     alone = [_streamed(served.client, prompt, spec) for prompt, spec in PLAN]
     work = [PLAN[i % len(PLAN)] for i in range(32)]
-    with ThreadPoolExecutor(32) as pool:
-        together = list(pool.map(lambda item: _streamed(served.client, *item), work))
+    peak, running = [0], threading.Event()
+
+    def watch():  # the running batch size, as Prometheus shows it, while the streams run
+        while not running.is_set():
+            peak[0] = max(peak[0], served.metrics()["loraplex_running_batch_size"])
+            time.sleep(0.02)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(lambda item: _streamed(served.client, *item), work))
+    finally:
+        running.set()
+        watcher.join()
     for i, result in enumerate(together):
         assert result == alone[i % len(PLAN)], (i, work[i])
+    assert peak[0] > 8, peak  # they shared batches (up to max_num_seqs=32), not just the queue
     assert len({tuple(ids) for ids, _ in alone}) == len(PLAN)  # every adapter choice changes the output
 
 
