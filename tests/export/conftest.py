@@ -120,7 +120,7 @@ def merged_onnx(merged_fp32, tmp_path_factory):
     from loraplex.export.onnx import OnnxRequest, export_onnx
 
     out = tmp_path_factory.mktemp("merged-onnx") / "onnx"
-    info = export_onnx(OnnxRequest(merged_fp32, out, "fp32", exporter="torchscript", validate_tokens=12))
+    info = export_onnx(OnnxRequest(merged_fp32, out, "fp32", exporter="dynamo", validate_tokens=12))
     return out, info
 
 
