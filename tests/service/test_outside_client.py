@@ -274,7 +274,13 @@ def test_restart_keeps_the_registry(served, server_files):
     expected = {spec["adapter"]: client.call("Generation", "Generate", gen(adapter=spec["adapter"]))
                 for _, spec in PLAN[1:5]}
     assert expected["pirate"]["adapter_version"] == "pirate@2"
+    in_flight = iter(client.stream("Generation", "GenerateStream", gen(tokens=16, prompt="Story:")))
+    received = [next(in_flight)]  # running when SIGTERM comes
+    reader = threading.Thread(target=lambda: received.extend(in_flight))
+    reader.start()
     assert served.sigterm() == 0  # drained and exited cleanly
+    reader.join(30)
+    assert received[-1]["stop_reason"] == "MAX_TOKENS" and received[-1]["generated_tokens"] == 16  # finished
     restarted = ServeProcess(**server_files)
     try:
         after = {a["name"]: a for a in restarted.client.call("Adapters", "ListAdapters", {})["adapters"]}
