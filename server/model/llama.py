@@ -8,6 +8,7 @@ targets map one to one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +35,12 @@ class ForwardContext:
     lora_backend: str = "active"
 
 
-class WeightSource:
+class WeightSource(Protocol):
     """Where weights come from: `get(name)` returns a tensor on the target device in the compute dtype."""
 
-    def get(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def get(self, name: str) -> torch.Tensor: ...
 
-    def has(self, name: str) -> bool:  # pragma: no cover - interface
-        raise NotImplementedError
+    def has(self, name: str) -> bool: ...
 
 
 def _projection(source: WeightSource, prefix: str, module: str, bias: bool, quantization: str) -> AdaptedProjection:
