@@ -5,7 +5,7 @@
     legal   terse, formal "legal" register
 
 Each is LoRA r=8 (alpha 16) on q/k/v/o of the embedded SmolLM2-135M-Instruct (caps: QLoRA on its NF4
-base, 20 epochs), trained on the 40
+base, 20 epochs; legal: QLoRA), trained on the 40
 questions of examples/data/qa.jsonl with the answers rewritten in that style (written to
 examples/data/<style>.jsonl in chat form; loss on the assistant turns only), 4 held out for eval.
 Deterministic (seeded); a few minutes per adapter on 2 CPU cores. From the repository root:
@@ -50,8 +50,9 @@ def legal(text: str) -> str:
 
 
 STYLES = {"caps": str.upper, "pirate": pirate, "legal": legal}
-STYLE_FLAGS = {"caps": ["--qlora", "--epochs", "20"]}
-"""ALL CAPS re-tokenizes every word: trained on the NF4 base the demo serves, and longer, it stays readable."""
+STYLE_FLAGS = {"caps": ["--qlora", "--epochs", "20"], "legal": ["--qlora"]}
+"""Trained on the NF4 base the demo serves (QLoRA). ALL CAPS re-tokenizes every word: longer, it stays readable.
+legal trained on the fp32 base lost its end-of-turn on NF4 and ran on past its last sentence."""
 
 
 def write_style_data(style: str) -> Path:

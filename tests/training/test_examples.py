@@ -48,3 +48,27 @@ def test_example_adapters_answer_in_their_styles(smol_fp32):
     assert pirate.text.startswith("Arr!"), pirate.text
     assert legal.text.startswith("Pursuant to the inquiry"), legal.text
     assert not base.text.startswith(("Arr!", "Pursuant")), base.text
+
+
+def test_example_adapters_stop_on_the_nf4_base_the_demo_serves():
+    """The demo serves NF4: an adapter trained on the fp32 base can lose its end-of-turn there (legal did:
+    it ran on past its last sentence), so the examples that must stop are trained with QLoRA on the NF4 base."""
+    from loraplex.server.types import StopReason
+
+    engine = Engine(EngineConfig(
+        model=ModelConfig(quantization="nf4", dtype="float32"),
+        lora=LoRAConfig(max_lora_rank=16, max_loras=4, max_cpu_loras=4, max_adapters_per_request=1, derived_rank=16),
+        cache=CacheConfig(block_size=8, num_blocks=128),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512)))
+    try:
+        for style in ("pirate", "legal"):
+            engine.register_adapter(style, str(ADAPTERS / style))
+        question = (ChatMessage("user", "What is the capital of France?"),)  # the demo's question
+        stopping = StoppingCriteria(max_new_tokens=48)
+        pirate, legal = engine.generate(
+            [GenerationRequest(messages=question, adapter=a, stopping=stopping) for a in ("pirate", "legal")])
+    finally:
+        engine.stop()
+    assert pirate.stop_reason is StopReason.EOS_TOKEN and pirate.text.startswith("Arr!"), pirate.text
+    assert legal.stop_reason is StopReason.EOS_TOKEN, legal.text
+    assert legal.text.startswith("Pursuant to the inquiry") and legal.text.endswith("of any kind."), legal.text
