@@ -14,6 +14,15 @@ ADAPTERS = Path(__file__).resolve().parents[2] / "examples" / "adapters"
 STYLES = ("caps", "pirate", "legal")
 
 
+def example_engine(quantization: str, loaded=None) -> Engine:
+    """An engine sized like the demo's server (rank 16, 4 slots) on the embedded model."""
+    return Engine(EngineConfig(
+        model=ModelConfig(quantization=quantization, dtype="float32"),
+        lora=LoRAConfig(max_lora_rank=16, max_loras=4, max_cpu_loras=4, max_adapters_per_request=1, derived_rank=16),
+        cache=CacheConfig(block_size=8, num_blocks=128),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512)), loaded=loaded)
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_example_adapter_folder(style):
     folder = ADAPTERS / style
@@ -29,11 +38,7 @@ def test_example_adapter_folder(style):
 
 
 def test_example_adapters_answer_in_their_styles(smol_fp32):
-    engine = Engine(EngineConfig(
-        model=ModelConfig(quantization="none", dtype="float32"),
-        lora=LoRAConfig(max_lora_rank=16, max_loras=4, max_cpu_loras=4, max_adapters_per_request=1, derived_rank=16),
-        cache=CacheConfig(block_size=8, num_blocks=128),
-        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512)), loaded=smol_fp32)
+    engine = example_engine("none", loaded=smol_fp32)
     try:
         for style in STYLES:
             engine.register_adapter(style, str(ADAPTERS / style))
@@ -55,11 +60,7 @@ def test_example_adapters_stop_on_the_nf4_base_the_demo_serves():
     it ran on past its last sentence), so the examples that must stop are trained with QLoRA on the NF4 base."""
     from loraplex.server.types import StopReason
 
-    engine = Engine(EngineConfig(
-        model=ModelConfig(quantization="nf4", dtype="float32"),
-        lora=LoRAConfig(max_lora_rank=16, max_loras=4, max_cpu_loras=4, max_adapters_per_request=1, derived_rank=16),
-        cache=CacheConfig(block_size=8, num_blocks=128),
-        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512)))
+    engine = example_engine("nf4")
     try:
         for style in ("pirate", "legal"):
             engine.register_adapter(style, str(ADAPTERS / style))
