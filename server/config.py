@@ -120,6 +120,8 @@ class SchedulerConfig:
     """Used when a request leaves max_new_tokens at 0."""
     max_top_logprobs: int = 20
     """Largest top_logprobs a request may ask for."""
+    overlap_steps: bool | None = None
+    """Launch step n+1 before reading step n's tokens back (None: on for CUDA, off on the CPU)."""
 
     def __post_init__(self):
         problems = []

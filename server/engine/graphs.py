@@ -35,7 +35,8 @@ def bucket(value: int, buckets) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model: CausalLM, kv_caches, lora_slots, block_size: int, max_batch: int, max_context: int):
+    def __init__(self, model: CausalLM, inputs, max_batch: int, max_context: int):
+        kv_caches, lora_slots, block_size = inputs.kv_caches, inputs.lora_stacks, inputs.block_size
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.lora_slots = lora_slots
         num_slots = lora_slots.num_slots
@@ -63,7 +64,9 @@ class DecodeGraphs:
         self.pool = None
         self.capture_seconds = 0.0
 
-    def fits(self, num_seqs: int, max_context: int) -> bool:
+    def fits(self, step) -> bool:
+        num_seqs = len(step.sequences)
+        max_context = max(seq.num_computed + 1 for seq in step.sequences)
         return num_seqs <= self.batch_buckets[-1] and max_context <= self.context_buckets[-1]
 
     def _forward(self, b: int, c: int, u: int) -> None:
@@ -117,9 +120,9 @@ class DecodeGraphs:
         self.token_weights[:b].zero_()
         self.active_slots.zero_()
 
-    def run(self, batch, lora_pairs: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
-        """batch: [(sequence, 1)] all decoding. Returns logits [len(batch), vocab] (a view of a static buffer)."""
-        seqs = [seq for seq, _ in batch]
+    def run(self, step) -> torch.Tensor:
+        """A decode-only step. Returns logits [len(batch), vocab] (a view of a static buffer)."""
+        seqs, lora_pairs = step.sequences, step.lora_pairs
         n = len(seqs)
         context_lens = [seq.num_computed + 1 for seq in seqs]
         b = bucket(n, self.batch_buckets)
@@ -137,11 +140,10 @@ class DecodeGraphs:
         mask[:n, :, :, :meta.mask.shape[-1]] = meta.mask
         mask[n:, :, :, 0] = True
         pad = b - n
-        ids = torch.tensor([seq.token_ids(seq.num_computed, seq.num_computed + 1)[0] for seq in seqs] + [0] * pad,
-                           dtype=torch.int64)
         positions = torch.cat([meta.positions, torch.zeros(pad, dtype=torch.int64)])
         slots = torch.cat([meta.slot_mapping, torch.zeros(pad, dtype=torch.int64)])
-        self._copy(self.input_ids[:b], ids)
+        self.input_ids[:n].copy_(step.input_ids)
+        self.input_ids[n:b].zero_()
         self._copy(self.positions[:b], positions)
         self._copy(self.slot_mapping[:b], slots)
         self._copy(self.kv_gather[:b, :c], kv_gather)

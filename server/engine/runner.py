@@ -1,106 +1,129 @@
-"""Turns a scheduled step into model inputs, runs the forward and samples: one device sync per step.
+"""ModelRunner: turns a scheduled step into model inputs, launches the forward and the sampler, and
+hands back a PendingStep whose tokens arrive with one device-to-host copy.
 
-Per-step Python work is O(sequences) plus flattening the step's token ids; every per-layer
-structure (attention metadata, rotary tables, LoRA metadata) is built here once and shared.
+Nothing here waits for the device: `launch` returns as soon as the work is queued, so the engine
+core can process the previous step's tokens meanwhile. A token sampled by a step still in flight
+is read on the device (`StepInputBuilder` gathers it from that step's output buffer).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.profiler import record_function
 
-from ..lora.meta import build_lora_meta
-from ..model.attention import build_attention_meta
-from ..model.layers import rotary_cos_sin
-from ..model.llama import CausalLM, ForwardContext
+from ..config import EngineConfig
+from ..lora.slots import LoraSlots
+from ..model.llama import CausalLM
 from .graphs import DecodeGraphs
+from .kv_cache import allocate_kv_cache
+from .output_processor import SampledTokens
 from .sampler import RowSampling, build_sampling_tensors, sample
 from .sequence import Sequence
+from .step_inputs import StepInputBuilder
 
 
 @dataclass(slots=True)
-class StepOutput:
-    sampled: list[Sequence]
-    """Sequences that produced a token this step (their prompt is fully computed)."""
-    token_ids: list[int]
-    logprobs: list[float] | None
-    top_ids: list[list[int]] | None
-    top_logprobs: list[list[float]] | None
+class DeviceTokens:
+    """A launched step's sampled tokens (and logprobs) on their way to the host."""
+
+    sequences: list[Sequence]
+    packed: torch.Tensor
+    """Host tensor (pinned on CUDA) filled by one non_blocking copy: ids, then logprob fields if wanted."""
+    event: torch.cuda.Event | None
+    num_logprobs: int
+    want_logprobs: bool
+
+    def result(self) -> SampledTokens:
+        if self.event is not None:
+            self.event.synchronize()
+        n, k = len(self.sequences), self.num_logprobs
+        if n == 0:
+            return SampledTokens(sequences=[], token_ids=[])
+        values = self.packed.tolist()
+        token_ids = [int(v) for v in values[:n]]
+        if not self.want_logprobs:
+            return SampledTokens(sequences=self.sequences, token_ids=token_ids)
+        logprobs = values[n:2 * n]
+        top_ids = top_logprobs = None
+        if k:
+            flat_ids = values[2 * n:2 * n + n * k]
+            flat_lp = values[2 * n + n * k:2 * n + 2 * n * k]
+            top_ids = [[int(v) for v in flat_ids[i * k:(i + 1) * k]] for i in range(n)]
+            top_logprobs = [flat_lp[i * k:(i + 1) * k] for i in range(n)]
+        return SampledTokens(sequences=self.sequences, token_ids=token_ids, logprobs=logprobs, top_ids=top_ids,
+                             top_logprobs=top_logprobs)
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches, lora_slots, block_size: int, lora_backend: str = "active",
-                 graphs: DecodeGraphs | None = None):
-        self.model = model
-        self.lora_slots = lora_slots
-        self.graphs = graphs
-        self.kv_caches = kv_caches
-        self.block_size = block_size
-        self.device = model.device
-        self.dtype = model.dtype
-        self.lora_backend = lora_backend
-        self.sliding_window = model.arch.sliding_window
+    def __init__(self, model: CausalLM, config: EngineConfig, fit_num_blocks: Callable[[int], int]):
+        self.model, self.config = model, config
+        self.device, self.dtype = model.device, model.dtype
+        lora = config.lora
+        self.lora_stacks = LoraSlots(model, lora.max_loras, lora.max_lora_rank)
+        self.block_size = config.cache.block_size
+        self.num_kv_blocks = fit_num_blocks(0)
+        self.kv_caches = allocate_kv_cache(model.arch, self.num_kv_blocks, self.block_size, self.dtype, self.device)
+        self.inputs = StepInputBuilder(model, self.kv_caches, self.lora_stacks, self.block_size)
+        self.graphs: DecodeGraphs | None = None
+        self._slot_targets: Callable[[], dict[int, frozenset[str]]] = dict
 
-    def run(self, batch: list[tuple[Sequence, int]], slot_targets: dict[int, frozenset[str]]) -> StepOutput:
-        if self.graphs is not None and all(n == 1 for _, n in batch) and self.graphs.fits(
-                len(batch), max(seq.num_computed + 1 for seq, _ in batch)):
-            with record_function("graph"):
-                logits = self.graphs.run(batch, [seq.lora_pairs() for seq, _ in batch])
-            with record_function("sample"):
-                return self._sample(logits, [seq for seq, _ in batch])
+    def bind_slot_targets(self, slot_targets: Callable[[], dict[int, frozenset[str]]]) -> None:
+        """Where the runner reads which projections each occupied adapter slot adapts."""
+        self._slot_targets = slot_targets
+
+    def prepare(self, max_model_len: int) -> None:
+        """Set up decode graphs (captured lazily, per batch bucket) on a GPU."""
+        if self.device.type == "cuda" and not self.config.model.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.inputs, self.config.scheduler.max_num_seqs, max_model_len)
+
+    def launch(self, batch: list[tuple[Sequence, int]]) -> DeviceTokens:
         with record_function("prepare"):
-            ctx, input_ids, sampled = self._prepare(batch, slot_targets)
-        with record_function("forward"):
-            logits = self.model(input_ids, ctx)
-        if not sampled:
-            return StepOutput(sampled=[], token_ids=[], logprobs=None, top_ids=None, top_logprobs=None)
+            step = self.inputs.build(batch, self._slot_targets())
+        if self.graphs is not None and step.decode_only and self.graphs.fits(step):
+            with record_function("graph"):
+                logits = self.graphs.run(step)
+        else:
+            with record_function("forward"):
+                logits = self.model(step.input_ids, step.context)
+        if not step.sampled:
+            return DeviceTokens(sequences=[], packed=torch.empty(0), event=None, num_logprobs=0,
+                                want_logprobs=False)
         with record_function("sample"):
-            return self._sample(logits, sampled)
+            return self._sample(logits, step.sampled)
 
-    def _prepare(self, batch, slot_targets):
-        input_ids: list[int] = []
-        query_lens, context_lens, logits_indices, sampled = [], [], [], []
-        for seq, n in batch:
-            start = seq.num_computed
-            input_ids.extend(seq.token_ids(start, start + n))
-            query_lens.append(n)
-            context_lens.append(start + n)
-            if start + n == seq.num_tokens:
-                logits_indices.append(len(input_ids) - 1)
-                sampled.append(seq)
-        attn = build_attention_meta([seq.block_table for seq, _ in batch], context_lens, query_lens,
-                                    self.block_size, self.sliding_window, self.device)
-        cos, sin = rotary_cos_sin(attn.positions, self.model.inv_freq, self.dtype)
-        lora = build_lora_meta([seq.lora_pairs() for seq, _ in batch], query_lens, slot_targets, self.device,
-                               self.dtype)
-        ctx = ForwardContext(attn=attn, cos=cos, sin=sin, kv_caches=self.kv_caches, lora=lora,
-                             lora_slots=self.lora_slots, logits_indices=self._to_device(logits_indices), lora_backend=self.lora_backend)
-        return ctx, self._to_device(input_ids), sampled
-
-    def _sample(self, logits, sampled):
+    def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> DeviceTokens:
         rows = [self._row(seq) for seq in sampled]
         out = sample(logits, build_sampling_tensors(rows, self.device))
+        self.inputs.record_sampled(sampled, out.token_ids)
         want_logprobs = any(seq.request.top_logprobs > 0 for seq in sampled)
-        # The one sync of the step: everything the host needs, in one transfer per tensor.
-        return StepOutput(
-            sampled=sampled,
-            token_ids=out.token_ids.tolist(),
-            logprobs=out.logprobs.tolist() if want_logprobs else None,
-            top_ids=out.top_ids.tolist() if out.top_ids is not None else None,
-            top_logprobs=out.top_logprobs.tolist() if out.top_logprobs is not None else None,
-        )
-
-    def _to_device(self, values: list[int]) -> torch.Tensor:
-        t = torch.tensor(values, dtype=torch.int64)
+        num_logprobs = out.top_ids.shape[1] if want_logprobs and out.top_ids is not None else 0
+        if want_logprobs:
+            parts = [out.token_ids.double(), out.logprobs.double()]
+            if num_logprobs:
+                parts += [out.top_ids.double().flatten(), out.top_logprobs.double().flatten()]
+            packed = torch.cat(parts)
+        else:
+            packed = out.token_ids
+        event = None
         if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            packed = host
+        return DeviceTokens(sequences=sampled, packed=packed, event=event, num_logprobs=num_logprobs,
+                            want_logprobs=want_logprobs)
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence ended: forget its per-sequence input state."""
+        self.inputs.release(seq)
 
     @staticmethod
     def _row(seq: Sequence) -> RowSampling:
         params = seq.request.sampling
         penalty_ids = seq.prompt_ids + seq.output_ids if params.repetition_penalty != 1.0 else ()
         return RowSampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                           repetition_penalty=params.repetition_penalty, seed=seq.seed, step=len(seq.output_ids),
+                           repetition_penalty=params.repetition_penalty, seed=seq.seed, step=seq.num_generated,
                            penalty_token_ids=penalty_ids, num_logprobs=seq.request.top_logprobs)

@@ -6,7 +6,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..types import GenerationRequest
+from .detokenizer import IncrementalDetokenizer
 from .handle import RequestHandle
+from .stop import StopChecker
 
 
 class SeqStatus(enum.Enum):
@@ -38,12 +40,14 @@ class Sequence:
     needs: tuple[AdapterNeed, ...]
     adapter_versions: dict[str, int]
     handle: RequestHandle
-    detokenizer: object | None
-    stop_checker: object
+    detokenizer: IncrementalDetokenizer | None
+    stop_checker: StopChecker
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
-    """Tokens whose K/V are in the cache."""
+    """Tokens whose K/V are in the cache (or will be, once the step in flight has run)."""
+    num_pending: int = 0
+    """Tokens sampled by a step still in flight: known on the device, not yet on the host."""
     block_table: list[int] = field(default_factory=list)
     slots: list[int] | None = None
     """Device slots acquired for `needs`, in the same order (None until admitted)."""
@@ -52,11 +56,23 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt + generated, counting tokens still on their way from the device."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids) + self.num_pending
 
     @property
     def num_uncomputed(self) -> int:
+        """Tokens to feed the model next (0 once the sequence has all the tokens it may generate)."""
+        if self.num_generated >= self.max_new_tokens:
+            return 0
         return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
 
     @property
     def budget_tokens(self) -> int:
@@ -64,6 +80,7 @@ class Sequence:
         return len(self.prompt_ids) + self.max_new_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Host-known token ids [start, end) (a pending token is not host-known: see num_pending)."""
         prompt_len = len(self.prompt_ids)
         if end <= prompt_len:
             return self.prompt_ids[start:end]

@@ -62,12 +62,12 @@ def engine(smol_fp32, peft_adapters, tmp_path_factory):
     (dict(stopping=StoppingCriteria(max_new_tokens=4, stop_sequences=("",))), "stopping.stop_sequences"),
 ])
 def test_bad_parameters_name_the_field(engine, request_kwargs, field):
-    queued = len(engine.scheduler.waiting)
+    queued = engine.queue_depth()
     with pytest.raises(InvalidArgument) as info:
         engine.submit(req(**request_kwargs))
     assert info.value.field == field and field.split("[")[0].split(".")[-1] in str(info.value)
     assert info.value.code == "INVALID_ARGUMENT"
-    assert len(engine.scheduler.waiting) == queued and not engine._incoming
+    assert engine.queue_depth() == queued
 
 
 def test_prompt_longer_than_the_context(engine):
