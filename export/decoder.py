@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.server.model.layers import ProjectionGroup
 from loraplex.server.model.llama import CausalLM
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -90,11 +91,13 @@ class ExportDecoder(nn.Module):
             block.self_attn, block.mlp = nn.Module(), nn.Module()
             block.self_attn.scale = layer.self_attn.scale
             for parent, source in ((block.self_attn, layer.self_attn), (block.mlp, layer.mlp)):
-                for name, projection in list(source.named_children()):
-                    dense = projection.base
-                    setattr(parent, name, TransposedLinear(dense.weight.data, None if dense.bias is None
-                                                           else dense.bias.data))
-                    projection.base = None  # release the untransposed copy
+                for group in [child for child in source.children() if isinstance(child, ProjectionGroup)]:
+                    dense = group.base  # fused slices (q|k|v, gate|up): one named MatMul per projection again
+                    biases = (None,) * len(group.slices) if dense.bias is None else \
+                        dense.bias.data.split(group.slice_features)
+                    for index, (name, bias) in enumerate(zip(group.slices, biases)):
+                        setattr(parent, name, TransposedLinear(dense.dequantized_weight(index).data, bias))
+                    group.base = None  # release the untransposed copy
             self.layers.append(block)
         self.lm_head = TransposedLinear(model.lm_head_weight.data, None)
 

@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from ..lora.slots import LoraSlots, prepare_for_device
+from ..lora.prepare import prepare_for_device
+from ..lora.stacks import LoraStacks
 from .types import AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,9 @@ class _Slot:
 
 
 class AdapterCache:
-    def __init__(self, lora_slots: LoraSlots, max_host: int, dtype: torch.dtype, pin_memory: bool):
-        self.lora_slots = lora_slots
-        num_slots = lora_slots.num_slots
+    def __init__(self, lora_stacks: LoraStacks, max_host: int, dtype: torch.dtype, pin_memory: bool):
+        self.lora_stacks = lora_stacks
+        num_slots = lora_stacks.num_slots
         self.dtype, self.pin_memory = dtype, pin_memory
         self.max_host = max_host
         self.stats = CacheStats()
@@ -219,7 +220,7 @@ class AdapterCache:
             self._evict(slot)
         adapter = self.host_get(key)
         assert adapter is not None, f"{key} is not in the host tier"
-        self.lora_slots.write(slot, adapter)
+        self.lora_stacks.write(slot, adapter)
         self._slots[slot] = _Slot(key=key, last_used=time.monotonic(), targets=adapter.target_modules)
         self._slot_of[key] = slot
         log.info("adapter %s -> slot %d (%d bytes)", key, slot, adapter.num_bytes)
@@ -228,7 +229,7 @@ class AdapterCache:
         key = self._slots[slot].key
         self._slot_of.pop(key, None)
         self._slots[slot] = _Slot()
-        self.lora_slots.clear(slot)
+        self.lora_stacks.clear(slot)
         self.stats.evictions += 1
         log.info("adapter %s evicted from slot %d", key, slot)
 

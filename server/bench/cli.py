@@ -20,7 +20,10 @@ def add_bench_parser(sub) -> None:
     serve.add_argument("--device", default="cuda")
     serve.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
     serve.add_argument("--modes", default="base,shared,distinct")
-    serve.add_argument("--prompt-len", type=int, default=128)
+    serve.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths (one row set each)")
+    serve.add_argument("--max-batched-tokens", type=int, default=8192, help="per-step token budget")
+    serve.add_argument("--baseline-prompt-lens", default=None,
+                       help="prompt lengths for the baseline (default: --prompt-len)")
     serve.add_argument("--new-tokens", type=int, default=64)
     serve.add_argument("--rank", type=int, default=16)
     serve.add_argument("--num-adapters", type=int, default=None, help="default: the largest batch")
@@ -29,6 +32,13 @@ def add_bench_parser(sub) -> None:
                        help="also run HF generate + PEFT adapter_names in the same process")
     serve.add_argument("--baseline-batches", default=None, help="batch sizes for the baseline (default: --batches)")
     serve.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    kernels = kinds.add_parser("kernels", help="kernel time over M and share of memory bandwidth, beside baselines")
+    kernels.add_argument("--ms", default="1,2,4,8,16,32,64,128", help="comma-separated rows of x (tokens)")
+    kernels.add_argument("--families", default="nf4", help="comma-separated kernel families")
+    kernels.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    kernels.add_argument("--device", default="cuda")
+    kernels.add_argument("--no-baselines", action="store_true", help="skip bitsandbytes and bf16 cuBLAS")
+    kernels.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     from loraplex.training.bench import add_bench_train_parser
 
     add_bench_train_parser(kinds)
@@ -43,48 +53,71 @@ def run_bench(args: argparse.Namespace) -> int:
         from loraplex.training.bench import run_bench_train
 
         return run_bench_train(args)
+    if args.bench_command == "kernels":
+        return run_bench_kernels(args)
     from .serving import ServeBenchConfig, run_serving_bench
 
     batches = _ints(args.batches)
+    prompt_lens = _ints(args.prompt_len)
     cfg = ServeBenchConfig(
         model=args.model, load_format=args.load_format, quantization=args.quantization, dtype=args.dtype,
-        device=args.device, batches=batches, modes=tuple(args.modes.split(",")), prompt_len=args.prompt_len,
+        device=args.device, batches=batches, modes=tuple(args.modes.split(",")), prompt_len=prompt_lens[0],
         new_tokens=args.new_tokens, rank=args.rank, num_adapters=args.num_adapters or max(batches),
-        enforce_eager=args.enforce_eager)
+        enforce_eager=args.enforce_eager, max_batched_tokens=args.max_batched_tokens)
     env = environment(cfg.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve-{env['device_slug']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    report = {"benchmark": "serve", "config": dataclasses.asdict(cfg), "environment": env,
-              "loraplex": [], "baseline_peft": [], "ratios": [], "complete": False}
-    report["loraplex"] = run_serving_bench(cfg, log=lambda line: print(line, flush=True))
+    report = {"benchmark": "serve", "config": dict(dataclasses.asdict(cfg), prompt_lens=list(prompt_lens)),
+              "environment": env, "loraplex": [], "baseline_peft": [], "ratios": [], "complete": False}
+    report["loraplex"] = run_serving_bench(cfg, log=lambda line: print(line, flush=True), prompt_lens=prompt_lens)
     path.write_text(json.dumps(report, indent=2))  # ours survive a baseline cut short
     if args.baseline == "peft":
         from .peft_baseline import baseline_table
 
-        report["baseline_peft"] = baseline_table(
-            str(Path(args.model) / "config.json"),
-            batches=_ints(args.baseline_batches) if args.baseline_batches else batches, modes=cfg.modes,
-            prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, device=cfg.device,
-            num_adapters=cfg.num_adapters, rank=cfg.rank)
+        for prompt_len in _ints(args.baseline_prompt_lens) if args.baseline_prompt_lens else prompt_lens:
+            report["baseline_peft"] += baseline_table(
+                str(Path(args.model) / "config.json"),
+                batches=_ints(args.baseline_batches) if args.baseline_batches else batches, modes=cfg.modes,
+                prompt_len=prompt_len, new_tokens=cfg.new_tokens, device=cfg.device,
+                num_adapters=cfg.num_adapters, rank=cfg.rank)
+            path.write_text(json.dumps(report, indent=2))
     report["ratios"] = ratios(report["loraplex"], report["baseline_peft"])
     report["complete"] = True
     path.write_text(json.dumps(report, indent=2))
     for row in report["ratios"]:
-        print(f"{row['mode']:8s} batch {row['batch_size']:3d}: loraplex {row['loraplex_tok_s']:9.1f} tok/s, "
+        print(f"prompt {row['prompt_len']:5d} {row['mode']:8s} batch {row['batch_size']:3d}: loraplex {row['loraplex_tok_s']:9.1f} tok/s, "
               f"peft {row['peft_tok_s']:8.1f} tok/s, x{row['speedup']:.1f}", flush=True)
     print(f"wrote {path}")
     return 0
 
 
+def run_bench_kernels(args: argparse.Namespace) -> int:
+    from .kernels import KernelsBenchConfig, run_kernels_bench
+
+    cfg = KernelsBenchConfig(ms=_ints(args.ms), families=tuple(args.families.split(",")), dtype=args.dtype,
+                             device=args.device, baselines=not args.no_baselines)
+    env = environment(cfg.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"kernels-{env['device_slug']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report = {"benchmark": "kernels", "config": dataclasses.asdict(cfg), "environment": env}
+    report.update(run_kernels_bench(cfg, log=lambda line: print(line, flush=True)))
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["summary"], indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
 def ratios(ours: list[dict], baseline: list[dict]) -> list[dict]:
-    """ours / baseline for every (mode, batch) measured by both."""
-    peft = {(r["mode"], r["batch_size"]): r["tokens_per_s"] for r in baseline if r.get("tokens_per_s")}
+    """ours / baseline for every (prompt length, mode, batch) measured by both."""
+    peft = {(r.get("prompt_len", 128), r["mode"], r["batch_size"]): r["tokens_per_s"] for r in baseline
+            if r.get("tokens_per_s")}
     rows = []
     for r in ours:
-        key = (r["mode"], r["batch_size"])
+        key = (r.get("prompt_len", 128), r["mode"], r["batch_size"])
         if key in peft:
-            rows.append({"mode": key[0], "batch_size": key[1], "loraplex_tok_s": r["tokens_per_s"],
+            rows.append({"prompt_len": key[0], "mode": key[1], "batch_size": key[2], "loraplex_tok_s": r["tokens_per_s"],
                          "peft_tok_s": peft[key], "speedup": round(r["tokens_per_s"] / peft[key], 2)})
     return rows
 

@@ -31,7 +31,10 @@ class ServeBenchConfig:
     batches: tuple[int, ...] = (1, 8, 32, 64)
     modes: tuple[str, ...] = MODES
     prompt_len: int = 128
+    """Prompt length of the rows (run_serving_bench takes a list of lengths: one engine serves them all)."""
     new_tokens: int = 64
+    max_batched_tokens: int = 8192
+    """Per-step token budget (chunked prefill above it)."""
     rank: int = 16
     alpha: float = 32.0
     num_adapters: int = 64
@@ -52,9 +55,9 @@ def random_adapter(arch: ModelArch, name: str, rank: int, alpha: float, gen: tor
     return AdapterWeights(name=name, modules=modules, source="memory:random", sha256=f"random-{name}")
 
 
-def build_engine(cfg: ServeBenchConfig) -> Engine:
+def build_engine(cfg: ServeBenchConfig, prompt_lens: tuple[int, ...] | None = None) -> Engine:
     max_batch = max(cfg.batches)
-    tokens_per_seq = cfg.prompt_len + cfg.new_tokens
+    tokens_per_seq = max(prompt_lens or (cfg.prompt_len,)) + cfg.new_tokens
     block_size = 16
     num_blocks = max_batch * (-(-tokens_per_seq // block_size)) + 64
     config = EngineConfig(
@@ -63,7 +66,7 @@ def build_engine(cfg: ServeBenchConfig) -> Engine:
         lora=LoRAConfig(max_lora_rank=cfg.rank, max_loras=max(cfg.num_adapters, 1),
                         max_cpu_loras=max(cfg.num_adapters, 1), max_adapters_per_request=1, derived_rank=cfg.rank),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
-        scheduler=SchedulerConfig(max_num_seqs=max_batch, max_num_batched_tokens=max_batch * cfg.prompt_len,
+        scheduler=SchedulerConfig(max_num_seqs=max_batch, max_num_batched_tokens=cfg.max_batched_tokens,
                                   max_waiting=4 * max_batch, max_new_tokens_limit=cfg.new_tokens,
                                   default_max_new_tokens=cfg.new_tokens))
     engine = Engine(config)
@@ -73,47 +76,75 @@ def build_engine(cfg: ServeBenchConfig) -> Engine:
     return engine
 
 
-def _requests(cfg: ServeBenchConfig, vocab_size: int, batch: int, mode: str, new_tokens: int, seed: int):
+def _requests(cfg: ServeBenchConfig, vocab_size: int, batch: int, mode: str, new_tokens: int, seed: int,
+              prompt_len: int):
     gen = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, vocab_size, (batch, cfg.prompt_len), generator=gen).tolist()
+    prompts = torch.randint(0, vocab_size, (batch, prompt_len), generator=gen).tolist()
     adapters = {"base": lambda i: "", "shared": lambda i: "a0", "distinct": lambda i: f"a{i}"}[mode]
     return [GenerationRequest(prompt_token_ids=tuple(p), adapter=adapters(i), sampling=SamplingParams(seed=i),
                               stopping=StoppingCriteria(max_new_tokens=new_tokens, ignore_eos=True))
             for i, p in enumerate(prompts)]
 
 
-def run_one(engine: Engine, cfg: ServeBenchConfig, batch: int, mode: str) -> dict:
-    """Warm up (shapes, adapter slots), then time one full batch from submit to last token."""
+def _timed(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, list[list[float]]]:
+    """Submit all at once, step until done; (start time, per request the arrival time of each chunk)."""
+    arrivals: list[list[float]] = [[] for _ in requests]
+    handles = []
+    started = time.perf_counter()
+    for i, request in enumerate(requests):
+        handles.append(engine.submit(request, listener=lambda chunk, i=i: arrivals[i].append(time.perf_counter())))
+    while not all(h.done for h in handles):
+        engine.step()
+    return started, arrivals
+
+
+def run_one(engine: Engine, cfg: ServeBenchConfig, batch: int, mode: str, prompt_len: int | None = None) -> dict:
+    """Warm up (shapes, adapter slots, graphs), then time one full batch from submit to last token.
+
+    tokens_per_s: generated tokens over the wall time (prefill included); ttft: submit to first token;
+    decode_step_ms: mean gap between a request's tokens after its first; decode_tokens_per_s: the batch
+    over that gap (the rate once prompts are in)."""
+    prompt_len = prompt_len or cfg.prompt_len
     if mode == "distinct" and batch > cfg.num_adapters:
         raise ValueError(f"distinct at batch {batch} needs {batch} adapters, have {cfg.num_adapters}")
     vocab = engine.arch.vocab_size
-    engine.generate(_requests(cfg, vocab, batch, mode, 2, seed=1))
+    engine.generate(_requests(cfg, vocab, batch, mode, 4, seed=1, prompt_len=prompt_len))
     _sync(cfg.device)
-    requests = _requests(cfg, vocab, batch, mode, cfg.new_tokens, seed=2)
+    requests = _requests(cfg, vocab, batch, mode, cfg.new_tokens, seed=2, prompt_len=prompt_len)
     steps_before = engine.steps_total
-    started = time.perf_counter()
-    results = engine.generate(requests)
+    tokens_before = engine.generated_tokens_total
+    started, arrivals = _timed(engine, requests)
     _sync(cfg.device)
     wall = time.perf_counter() - started
-    generated = sum(len(r.token_ids) for r in results)
+    generated = engine.generated_tokens_total - tokens_before
     assert generated == batch * cfg.new_tokens, f"generated {generated}, expected {batch * cfg.new_tokens}"
-    return {"system": "loraplex", "mode": mode, "batch_size": batch, "prompt_len": cfg.prompt_len,
+    ttfts = sorted(times[0] - started for times in arrivals)
+    gaps = [(times[-1] - times[0]) / (len(times) - 1) for times in arrivals if len(times) > 1]
+    step_s = sum(gaps) / len(gaps) if gaps else float("nan")
+    return {"system": "loraplex", "mode": mode, "batch_size": batch, "prompt_len": prompt_len,
             "new_tokens": cfg.new_tokens, "generated_tokens": generated, "wall_s": round(wall, 4),
-            "tokens_per_s": round(generated / wall, 2), "steps": engine.steps_total - steps_before}
+            "tokens_per_s": round(generated / wall, 2),
+            "total_tokens_per_s": round(batch * (prompt_len + cfg.new_tokens) / wall, 1),
+            "ttft_ms_mean": round(1000 * sum(ttfts) / len(ttfts), 2), "ttft_ms_max": round(1000 * ttfts[-1], 2),
+            "decode_step_ms": round(1000 * step_s, 3), "decode_tokens_per_s": round(batch / step_s, 1),
+            "steps": engine.steps_total - steps_before}
 
 
-def run_serving_bench(cfg: ServeBenchConfig, log=print) -> list[dict]:
-    engine = build_engine(cfg)
+def run_serving_bench(cfg: ServeBenchConfig, log=print, prompt_lens: tuple[int, ...] | None = None) -> list[dict]:
+    prompt_lens = prompt_lens or (cfg.prompt_len,)
+    engine = build_engine(cfg, prompt_lens)
     results = []
     try:
-        for mode in cfg.modes:
-            for batch in cfg.batches:
-                if mode == "distinct" and batch > cfg.num_adapters:
-                    continue
-                row = run_one(engine, cfg, batch, mode)
-                log(f"loraplex {mode:8s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tok/s "
-                    f"({row['wall_s']:.2f} s, {row['steps']} steps)")
-                results.append(row)
+        for prompt_len in prompt_lens:
+            for mode in cfg.modes:
+                for batch in cfg.batches:
+                    if mode == "distinct" and batch > cfg.num_adapters:
+                        continue
+                    row = run_one(engine, cfg, batch, mode, prompt_len)
+                    log(f"loraplex prompt {prompt_len:5d} {mode:8s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tok/s "
+                        f"(decode {row['decode_tokens_per_s']:8.1f} tok/s, {row['decode_step_ms']:.2f} ms/step, "
+                        f"TTFT mean {row['ttft_ms_mean']:.1f} ms, {row['wall_s']:.2f} s, {row['steps']} steps)")
+                    results.append(row)
     finally:
         engine.stop()
         del engine

@@ -20,6 +20,7 @@ from ..adapters.mix import derive_adapter, mix_key
 from ..adapters.mix_cache import DerivedAdapterCache
 from ..adapters.types import AdapterWeights, check_fits
 from ..config import LoRAConfig
+from ..lora.stacks import LoraStacks
 from ..errors import FailedPrecondition, InvalidAdapter, LoraplexError, ResourceExhausted
 from ..model.arch import ModelArch
 from ..types import GenerationRequest, MergeMethod
@@ -32,12 +33,12 @@ RunOnEngineThread = Callable[[Callable[[], object], float], object]
 
 
 class AdapterManager:
-    def __init__(self, config: LoRAConfig, arch: ModelArch, lora_slots, dtype: torch.dtype, device: torch.device,
+    def __init__(self, config: LoRAConfig, arch: ModelArch, lora_stacks: LoraStacks, dtype: torch.dtype, device: torch.device,
                  derived_folder, run_on_engine_thread: RunOnEngineThread,
                  call_on_engine_thread: Callable[[Callable[[], None]], None]):
         self.config, self.arch, self.device = config, arch, device
         self.catalog = AdapterCatalog()
-        self.cache = AdapterCache(lora_slots, config.max_cpu_loras, dtype, pin_memory=device.type == "cuda")
+        self.cache = AdapterCache(lora_stacks, config.max_cpu_loras, dtype, pin_memory=device.type == "cuda")
         self.derived = DerivedAdapterCache(max_entries=2, folder=derived_folder)
         """TIES / DARE builds, persisted so a restart reuses them; the host tier holds the live copies."""
         self.mix_reports: dict = {}

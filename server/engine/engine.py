@@ -65,7 +65,6 @@ class Engine:
             lora, self.arch, self.runner.lora_stacks, self.dtype, self.device, cache_dir / "derived",
             run_on_engine_thread=lambda fn, timeout: self.core.run_on_engine_thread(fn, timeout),
             call_on_engine_thread=lambda fn: self.core.call_on_engine_thread(fn))
-        self.runner.bind_slot_targets(self.adapters.cache.slot_targets)
         self.core = EngineCore(config, self.runner, self.adapters, self.outputs, self.block_manager, self.tokenizer,
                                self.limits, overlap_steps=self.device.type == "cuda" if overlap is None else overlap)
         self.runner.prepare(model_len)

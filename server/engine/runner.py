@@ -14,7 +14,7 @@ import torch
 from torch.profiler import record_function
 
 from ..config import EngineConfig
-from ..lora.slots import LoraSlots
+from ..lora.stacks import LoraStacks
 from ..model.llama import CausalLM
 from .graphs import DecodeGraphs
 from .kv_cache import allocate_kv_cache
@@ -61,27 +61,30 @@ class ModelRunner:
         self.model, self.config = model, config
         self.device, self.dtype = model.device, model.dtype
         lora = config.lora
-        self.lora_stacks = LoraSlots(model, lora.max_loras, lora.max_lora_rank)
+        self.lora_stacks = LoraStacks(model.group_shapes(), lora.max_loras, lora.max_lora_rank, self.dtype,
+                                      self.device)
         self.block_size = config.cache.block_size
         self.num_kv_blocks = fit_num_blocks(0)
         self.kv_caches = allocate_kv_cache(model.arch, self.num_kv_blocks, self.block_size, self.dtype, self.device)
-        self.inputs = StepInputBuilder(model, self.kv_caches, self.lora_stacks, self.block_size)
+        self.inputs: StepInputBuilder | None = None
         self.graphs: DecodeGraphs | None = None
-        self._slot_targets: Callable[[], dict[int, frozenset[str]]] = dict
-
-    def bind_slot_targets(self, slot_targets: Callable[[], dict[int, frozenset[str]]]) -> None:
-        """Where the runner reads which projections each occupied adapter slot adapts."""
-        self._slot_targets = slot_targets
 
     def prepare(self, max_model_len: int) -> None:
-        """Set up decode graphs (captured lazily, per batch bucket) on a GPU."""
+        """Size the step buffers for `max_model_len`; decode graphs (captured lazily per batch bucket) on a GPU."""
+        sched = self.config.scheduler
+        self.inputs = StepInputBuilder(self.model, self.kv_caches, self.lora_stacks, self.block_size,
+                                       sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
+                                       self.config.lora.max_adapters_per_request)
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.inputs, self.config.scheduler.max_num_seqs, max_model_len)
+            self.graphs = DecodeGraphs(self.model, self.inputs, sched.max_num_seqs)
 
     def launch(self, batch: list[tuple[Sequence, int]]) -> DeviceTokens:
+        pad_to = None
+        if self.graphs is not None and all(n == 1 for _, n in batch):
+            pad_to = self.graphs.bucket_for(len(batch))
         with record_function("prepare"):
-            step = self.inputs.build(batch, self._slot_targets())
-        if self.graphs is not None and step.decode_only and self.graphs.fits(step):
+            step = self.inputs.build(batch, pad_to=pad_to)
+        if pad_to is not None:
             with record_function("graph"):
                 logits = self.graphs.run(step)
         else:

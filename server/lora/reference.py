@@ -1,4 +1,5 @@
-"""LoRA ops in plain PyTorch: the oracle for every fast kernel, and the CPU backend.
+"""LoRA ops in plain PyTorch, per token: the oracle the grouped twin (`grouped_reference`) and the kernels are
+checked against.
 
 Slots: each adapted projection holds two stacks shared by all adapters,
     lora_a_stacked: [S, R, in]    lora_b_stacked: [S, out, R]
@@ -44,36 +45,3 @@ def add_lora_gather(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Te
                     lora_b_stacked: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out += sum_k w[t,k] * B[s] @ A[s] @ x[t] with s = slot_ids[t,k]: shrink then expand, per token."""
     return expand(shrink(x, lora_a_stacked, slot_ids), lora_b_stacked, slot_ids, weights, out)
-
-
-def add_lora_active(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
-                    lora_b_stacked: torch.Tensor, active: slice | torch.Tensor,
-                    token_weights: torch.Tensor) -> torch.Tensor:
-    """out[t] += sum_u token_weights[t, u] * lora_b_stacked[active[u]] @ lora_a_stacked[active[u]] @ x[t]
-
-    x: [T, in]; active: the distinct slots of this step, a slice (contiguous slots: no copies) or an
-    int64 tensor [U]; token_weights: [T, U], a token's weight on each active slot (1 for its adapter,
-    w_i for a mix, 0 elsewhere). out: [T, out], mutated and returned.
-
-    The step's adapters are rank-concatenated into one [U*R, in] and one [out, U*R] matrix, so the
-    whole batch is two dense matmuls whatever its mix of adapters: no per-adapter Python loop, no
-    per-token weight gather. Work grows with U; the Triton SGMV kernels remove that factor.
-    lora_b_stacked is read through its [out, S, R] permutation, which is contiguous in the slot
-    buffers (`slots.LoraSlots`), so a contiguous range of slots is a view.
-    """
-    num_tokens, num_active = token_weights.shape
-    _, rank, n_in = lora_a_stacked.shape
-    b_by_out = lora_b_stacked.permute(1, 0, 2)  # [out, S, R]
-    if isinstance(active, slice):
-        a = lora_a_stacked[active].reshape(num_active * rank, n_in)
-        b = b_by_out[:, active].reshape(-1, num_active * rank)
-    else:
-        a = lora_a_stacked.index_select(0, active).reshape(num_active * rank, n_in)
-        b = b_by_out.index_select(1, active).reshape(-1, num_active * rank)
-    y = x @ a.t()
-    if num_active > 1:
-        y = (y.view(num_tokens, num_active, rank) * token_weights.to(x.dtype)[:, :, None]).view(
-            num_tokens, num_active * rank)
-    else:
-        y = y * token_weights.to(x.dtype)
-    return out.addmm_(y, b.t())

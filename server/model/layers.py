@@ -1,11 +1,21 @@
-"""Building blocks: RMSNorm, rotary embedding, base linears (dense or NF4) and the LoRA-adapted projection."""
+"""Building blocks: RMSNorm, rotary embedding, base linears (dense or NF4) and fused, LoRA-adapted projections.
+
+A layer's projections run as four fused groups: qkv (q|k|v), o, gate_up (gate|up) and down. Each
+group is one base GEMM over the concatenated weights (NF4: bitsandbytes' own bytes per slice, see
+nf4.format) followed by one LoRA op over all its slices (lora.apply): two kernels where the
+unfused model launched five per projection.
+"""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora import ops as lora_ops
+from ..lora.apply import apply_lora, needs_lora
+from ..nf4 import ops as nf4_ops
+from ..nf4.format import NF4Weight
 
 
 class RMSNorm(nn.Module):
@@ -37,75 +47,105 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class DenseLinear(nn.Module):
-    """y = x W^T + b with W in the compute dtype."""
+    """y = x W^T + b with W [N, K] in the compute dtype (several slices concatenated along N)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None):
         super().__init__()
+        self.slice_features = tuple(w.shape[0] for w in weights)
+        weight = weights[0] if len(weights) == 1 else torch.cat(list(weights))
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.weight = nn.Parameter(weight, requires_grad=False)
+        bias = None if biases is None else (biases[0] if len(biases) == 1 else torch.cat(list(biases)))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.weight
+    def forward_gate_up_silu(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.forward(x).split(self.slice_features, dim=-1)
+        return F.silu(gate) * up
+
+    def dequantized_weight(self, index: int | None = None) -> torch.Tensor:
+        """The whole [N, K] weight, or slice `index` of it."""
+        if index is None:
+            return self.weight
+        start = sum(self.slice_features[:index])
+        return self.weight[start:start + self.slice_features[index]]
 
 
 class NF4Linear(nn.Module):
     """y = x dequant(W)^T + b with W held as bitsandbytes NF4 (blocksize 64, double quantization).
 
-    Quantizes exactly as transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant) does, so
-    the same fp weights give the same 4-bit weights as an HF + bitsandbytes model.
+    Quantizes each slice exactly as transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant)
+    does, so the same fp weights give the same 4-bit weights as an HF + bitsandbytes model; slices
+    are fused along N without requantizing (`NF4Weight`).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compress_statistics: bool = True):
+    def __init__(self, weights: torch.Tensor | Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None = None):
         super().__init__()
-        import bitsandbytes.functional as bnbf
-
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        packed, self.quant_state = bnbf.quantize_4bit(
-            weight.contiguous(), blocksize=64, compress_statistics=compress_statistics, quant_type="nf4",
-            quant_storage=torch.uint8)
-        self.weight_packed = nn.Parameter(packed, requires_grad=False)
+        if isinstance(weights, torch.Tensor):
+            weights = [weights]
+        if isinstance(biases, torch.Tensor):
+            biases = [biases]
+        self.nf4 = NF4Weight.quantize(list(weights))
+        self.slice_features = self.nf4.segment_rows
+        self.in_features, self.out_features = self.nf4.in_features, self.nf4.out_features
+        bias = None if biases is None else (biases[0] if len(biases) == 1 else torch.cat(list(biases)))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    @property
+    def weight_packed(self) -> torch.Tensor:
+        """Slice 0's packed bytes in bitsandbytes' shape (a single-slice linear: the whole weight)."""
+        return self.nf4.segment_packed(0)
+
+    @property
+    def quant_state(self):
+        return self.nf4.segment_quant_state(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes as bnb
+        return nf4_ops.linear(x, self.nf4, self.bias)
 
-        return bnb.matmul_4bit(x, self.weight_packed.t(), bias=self.bias, quant_state=self.quant_state)
+    def forward_gate_up_silu(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_ops.linear_gate_up_silu(x, self.nf4, self.bias)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
+    def dequantized_weight(self, index: int | None = None) -> torch.Tensor:
+        """The whole [N, K] weight (bit-identical to bitsandbytes' dequantize_4bit per slice), or slice `index`."""
+        weight = nf4_ops.dequantize(self.nf4)
+        if index is None:
+            return weight
+        start = self.nf4.row_starts[index]
+        return weight[start:start + self.slice_features[index]]
 
-        return bnbf.dequantize_4bit(self.weight_packed, self.quant_state)
 
-
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str) -> nn.Module:
-    """weight already on the target device in the compute dtype."""
+def make_linear(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, quantization: str) -> nn.Module:
+    """weights already on the target device in the compute dtype; fused along N in the given order."""
     if quantization == "nf4":
-        return NF4Linear(weight, bias)
-    return DenseLinear(weight, bias)
+        return NF4Linear(weights, biases)
+    return DenseLinear(weights, biases)
 
 
-class AdaptedProjection(nn.Module):
-    """A base linear that adds the step's LoRA deltas; the slot stacks belong to the engine.
+class ProjectionGroup(nn.Module):
+    """A fused base linear (slices e.g. q|k|v) that adds the step's LoRA deltas of all its slices.
 
-    `index` numbers the projection in model order; the forward context's `lora_slots` holds its
-    stacks (lora_a [S, R, in], lora_b_by_out [out, S, R]), so one model can serve several engines.
+    The LoRA pools belong to the engine (`ctx.lora_stacks`), so one model can serve several engines.
     """
 
-    def __init__(self, base: nn.Module, module_name: str):
+    def __init__(self, base: nn.Module, layer: int, name: str, slices: tuple[str, ...]):
         super().__init__()
         self.base = base
-        self.module_name = module_name
+        self.layer, self.name, self.slices = layer, name, slices
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.index = -1
+        self.slice_features: tuple[int, ...] = tuple(base.slice_features)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         out = self.base(x)
-        lora = ctx.lora
-        if lora is not None and self.module_name in lora.target_modules:
-            lora_a, lora_b_by_out = ctx.lora_slots.stacks[self.index]
-            lora_ops.add_lora(out, x, lora_a, lora_b_by_out.permute(1, 0, 2), lora, ctx.lora_backend)
+        if ctx.lora is not None:
+            apply_lora(out, x, ctx.lora_stacks.group(self.layer, self.name), ctx.lora)
         return out
+
+    def forward_gate_up_silu(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """silu(gate) * up for a gate_up group; the base kernel's fused epilogue when no LoRA touches it."""
+        if ctx.lora is None or not needs_lora(ctx.lora_stacks.group(self.layer, self.name), ctx.lora):
+            return self.base.forward_gate_up_silu(x)
+        gate, up = self.forward(x, ctx).split(self.slice_features, dim=-1)
+        return F.silu(gate) * up

@@ -14,25 +14,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora.meta import LoraBatchMeta
+from ..attention.meta import AttentionStepMeta
+from ..attention.ops import paged_attention, write_kv
+from ..lora.stacks import GROUP_SLICES, LoraStacks, ProjectionGroupShape
+from ..lora.step_meta import LoraStepMeta
 from .arch import ModelArch, inverse_frequencies
-from .attention import AttentionMeta, paged_attention, write_kv
-from .layers import AdaptedProjection, RMSNorm, apply_rotary, make_linear
+from .layers import ProjectionGroup, RMSNorm, apply_rotary, make_linear
 
 
 @dataclass(slots=True)
 class ForwardContext:
-    attn: AttentionMeta
+    attn: AttentionStepMeta
     cos: torch.Tensor
     """[T, head_dim]"""
     sin: torch.Tensor
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    lora: LoraBatchMeta | None
-    lora_slots: object | None
-    """The engine's LoraSlots (the stacks LoRA meta indexes); None when lora is None."""
+    lora: LoraStepMeta | None
+    lora_stacks: LoraStacks | None
+    """The engine's LoRA pools (what the LoRA meta's slots index); None when lora is None."""
     logits_indices: torch.Tensor
     """[N] int64: the tokens whose next-token logits are wanted (last token of each sampled sequence)."""
-    lora_backend: str = "active"
 
 
 class WeightSource(Protocol):
@@ -43,10 +44,11 @@ class WeightSource(Protocol):
     def has(self, name: str) -> bool: ...
 
 
-def _projection(source: WeightSource, prefix: str, module: str, bias: bool, quantization: str) -> AdaptedProjection:
-    weight = source.get(f"{prefix}.{module}.weight")
-    bias_tensor = source.get(f"{prefix}.{module}.bias") if bias else None
-    return AdaptedProjection(make_linear(weight, bias_tensor, quantization), module)
+def _group(source: WeightSource, prefix: str, layer: int, name: str, bias: bool, quantization: str) -> ProjectionGroup:
+    slices = GROUP_SLICES[name]
+    weights = [source.get(f"{prefix}.{module}.weight") for module in slices]
+    biases = [source.get(f"{prefix}.{module}.bias") for module in slices] if bias else None
+    return ProjectionGroup(make_linear(weights, biases, quantization), layer, name, slices)
 
 
 class Attention(nn.Module):
@@ -55,33 +57,30 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.scale = arch.head_dim ** -0.5
-        self.q_proj = _projection(source, prefix, "q_proj", arch.qkv_bias, quantization)
-        self.k_proj = _projection(source, prefix, "k_proj", arch.qkv_bias, quantization)
-        self.v_proj = _projection(source, prefix, "v_proj", arch.qkv_bias, quantization)
-        self.o_proj = _projection(source, prefix, "o_proj", arch.o_bias, quantization)
+        self.sliding_window = arch.sliding_window
+        self.qkv_proj = _group(source, prefix, layer_idx, "qkv", arch.qkv_bias, quantization)
+        self.o_proj = _group(source, prefix, layer_idx, "o", arch.o_bias, quantization)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x, ctx).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x, ctx).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, ctx).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, ctx.cos, ctx.sin)
-        k = apply_rotary(k, ctx.cos, ctx.sin)
+        q, k, v = self.qkv_proj(x, ctx).split(self.qkv_proj.slice_features, dim=-1)
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        write_kv(k_cache, v_cache, k, v, ctx.attn.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, ctx.attn, self.scale)
+        write_kv(k_cache, v_cache, k, v, ctx.attn.kv_index)
+        out = paged_attention(q, k_cache, v_cache, ctx.attn, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim), ctx)
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch, source: WeightSource, prefix: str, quantization: str):
+    def __init__(self, arch: ModelArch, source: WeightSource, prefix: str, quantization: str, layer_idx: int):
         super().__init__()
-        self.gate_proj = _projection(source, prefix, "gate_proj", arch.mlp_bias, quantization)
-        self.up_proj = _projection(source, prefix, "up_proj", arch.mlp_bias, quantization)
-        self.down_proj = _projection(source, prefix, "down_proj", arch.mlp_bias, quantization)
+        self.gate_up_proj = _group(source, prefix, layer_idx, "gate_up", arch.mlp_bias, quantization)
+        self.down_proj = _group(source, prefix, layer_idx, "down", arch.mlp_bias, quantization)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
+        return self.down_proj(self.gate_up_proj.forward_gate_up_silu(x, ctx), ctx)
 
 
 class DecoderLayer(nn.Module):
@@ -92,7 +91,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(arch, source, f"{prefix}.self_attn", quantization, layer_idx)
         self.post_attention_layernorm = RMSNorm(source.get(f"{prefix}.post_attention_layernorm.weight"),
                                                 arch.rms_norm_eps)
-        self.mlp = MLP(arch, source, f"{prefix}.mlp", quantization)
+        self.mlp = MLP(arch, source, f"{prefix}.mlp", quantization, layer_idx)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
@@ -120,16 +119,23 @@ class CausalLM(nn.Module):
         else:
             self.lm_head_weight = nn.Parameter(source.get("lm_head.weight"), requires_grad=False)
         self.register_buffer("inv_freq", inverse_frequencies(arch).to(device), persistent=False)
-        for index, (_, _, projection) in enumerate(self.projections()):
-            projection.index = index
 
-    def projections(self):
-        """(layer index, module name, AdaptedProjection) for every adaptable linear."""
-        for i, layer in enumerate(self.model.layers):
-            for block in (layer.self_attn, layer.mlp):
-                for name, module in block.named_children():
-                    if isinstance(module, AdaptedProjection):
-                        yield i, name, module
+    def projection_groups(self):
+        """Every fused projection group (qkv, o, gate_up, down of each layer), in model order."""
+        for layer in self.model.layers:
+            yield from (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+
+    def group_shapes(self) -> list[ProjectionGroupShape]:
+        """What the LoRA pools must hold for this model."""
+        return [ProjectionGroupShape(g.layer, g.name, g.slices, g.in_features, g.slice_features)
+                for g in self.projection_groups()]
+
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """One projection's weight [out, in] in the compute dtype (NF4: dequantized, bit-identical to bnb)."""
+        for group in self.projection_groups():
+            if group.layer == layer and module in group.slices:
+                return group.base.dequantized_weight(group.slices.index(module))
+        raise KeyError(f"no projection {module!r} in layer {layer}")
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -390,3 +390,38 @@ def test_a_mix_that_pins_leave_no_room_for_fails_fast(smol_fp32, peft_adapters, 
     [ok] = eng.generate([req(**mix)])
     assert ok.stop_reason is StopReason.MAX_TOKENS
     eng.stop()
+
+
+# ---- overlapped steps: step n+1 launched before step n's tokens are read ----
+
+def test_overlapped_steps_give_the_same_results(smol_fp32, peft_adapters, tmp_path):
+    """With overlap the next step decodes tokens it has not seen on the host (gathered on the device), and
+    sequences that stop (EOS, stop string, max tokens) while a step is in flight drop that step's token:
+    every result equals the lockstep engine's, chunk for chunk."""
+    _, folders = peft_adapters
+    results = {}
+    for overlap in (False, True):
+        eng = make_engine(smol_fp32, tmp_path / str(overlap), overlap_steps=overlap)
+        for name in ("qv_r4", "all_r16"):
+            eng.register_adapter(name, str(folders[name]))
+        requests = [
+            req("The three primary colors are", tokens=12, adapter="qv_r4"),
+            req("Once upon a time, in a small village,", tokens=5),
+            req("Write a haiku about the sea.", tokens=16, adapter="all_r16",
+                stopping=StoppingCriteria(max_new_tokens=16, stop_sequences=(" the",))),
+            req("def fibonacci(n):", stopping=StoppingCriteria(max_new_tokens=20)),  # may stop at EOS
+            req("Paris is the capital of", tokens=9,
+                adapters=(AdapterWeight("qv_r4", 0.5), AdapterWeight("all_r16", 0.5))),
+            req("Q: What is 12 times 7?\nA:" * 6, tokens=7, adapter="all_r16"),  # prefill over several steps
+        ]
+        handles = [eng.submit(r) for r in requests]
+        while not all(h.done for h in handles):
+            eng.step()
+        results[overlap] = [list(h) for h in handles]
+        assert not eng.has_work() and eng.block_manager.num_available_blocks == eng.block_manager.capacity
+        assert sum(eng.cache.slot_refs()) == 0
+        eng.stop()
+    for lockstep, overlapped in zip(results[False], results[True]):
+        assert [(c.text, c.token_ids, c.stop_reason) for c in overlapped] == \
+            [(c.text, c.token_ids, c.stop_reason) for c in lockstep]
+    assert {chunks[-1].stop_reason for chunks in results[True]} >= {StopReason.MAX_TOKENS, StopReason.STOP_SEQUENCE}

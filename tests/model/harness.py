@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from loraplex.server.engine.kv_cache import allocate_kv_cache
-from loraplex.server.model.attention import build_attention_meta
+from loraplex.server.attention.meta import AttentionStepMeta
 from loraplex.server.model.layers import rotary_cos_sin
 from loraplex.server.model.llama import CausalLM, ForwardContext
 
@@ -54,18 +54,26 @@ def run_step(model: CausalLM, kv_cache, chunks: list[SeqChunk], block_size: int,
     query_lens = [len(c.tokens) for c in chunks]
     ids = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.int64, device=device)
     positions = torch.cat([torch.arange(c.cached, c.context_len) for c in chunks])
-    window = model.arch.sliding_window if sliding_window is _ARCH else sliding_window
-    meta = build_attention_meta(
+    meta = AttentionStepMeta.from_lists(
         block_tables=[c.block_table for c in chunks], context_lens=[c.context_len for c in chunks],
-        query_lens=query_lens, block_size=block_size, sliding_window=window, device=device)
+        query_lens=query_lens, block_size=block_size, device=device)
     cos, sin = rotary_cos_sin(positions.to(device), model.inv_freq, model.dtype)
     if all_tokens:
         logits_indices = torch.arange(len(ids))
     else:
         logits_indices = torch.cumsum(torch.tensor(query_lens), 0) - 1
-    ctx = ForwardContext(attn=meta, cos=cos, sin=sin, kv_caches=kv_cache, lora=None, lora_slots=None,
+    ctx = ForwardContext(attn=meta, cos=cos, sin=sin, kv_caches=kv_cache, lora=None, lora_stacks=None,
                          logits_indices=logits_indices.to(device))
-    return model(ids, ctx)
+    if sliding_window is _ARCH:
+        return model(ids, ctx)
+    windows = [layer.self_attn.sliding_window for layer in model.model.layers]
+    try:  # a negative control: run the layers with another window than the architecture's
+        for layer in model.model.layers:
+            layer.self_attn.sliding_window = sliding_window
+        return model(ids, ctx)
+    finally:
+        for layer, window in zip(model.model.layers, windows):
+            layer.self_attn.sliding_window = window
 
 
 class PagedSequence:

@@ -169,8 +169,10 @@ def test_biases_matter(zoo):
     """Negative control for the bias case: the randomized biases are not zero and change the logits."""
     pair = zoo("llama_bias")
     attn = pair.ours.model.layers[0].self_attn
-    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, pair.ours.model.layers[0].mlp.up_proj):
+    for proj in (attn.qkv_proj, attn.o_proj, pair.ours.model.layers[0].mlp.gate_up_proj):
         assert proj.base.bias is not None and proj.base.bias.abs().max() > 0.1
+        for part in proj.base.bias.split(proj.slice_features):  # every fused slice's bias, q|k|v and gate|up
+            assert part.abs().max() > 0.1
 
 
 # --------------------------------------------------------------------------------------------- paged behaviour
@@ -344,13 +346,18 @@ def _assert_same_nf4(ours, hf, layers: list[int]) -> int:
 
     checked = 0
     for i in layers:
-        for block, module in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("mlp", "down_proj")):
-            mine = getattr(getattr(ours.model.layers[i], block), module).base
+        for block, group, module in (("self_attn", "qkv_proj", "q_proj"), ("self_attn", "qkv_proj", "k_proj"),
+                                     ("self_attn", "qkv_proj", "v_proj"), ("mlp", "gate_up_proj", "up_proj"),
+                                     ("mlp", "down_proj", "down_proj")):
+            fused = getattr(getattr(ours.model.layers[i], block), group)
+            mine = fused.base
+            segment = fused.slices.index(module)
             theirs = getattr(getattr(hf.model.layers[i], block), module).weight
             assert isinstance(mine, NF4Linear)
-            qs, ref = mine.quant_state, theirs.quant_state
-            assert mine.weight_packed.dtype == theirs.dtype == torch.uint8
-            assert torch.equal(mine.weight_packed.view(-1), theirs.data.view(-1))
+            qs, ref = mine.nf4.segment_quant_state(segment), theirs.quant_state
+            packed = mine.nf4.segment_packed(segment)
+            assert packed.dtype == theirs.dtype == torch.uint8
+            assert torch.equal(packed.view(-1), theirs.data.view(-1))
             assert qs.nested and ref.nested and qs.blocksize == ref.blocksize == 64
             assert tuple(qs.shape) == tuple(ref.shape)
             assert torch.equal(qs.absmax, ref.absmax)
@@ -378,7 +385,7 @@ def test_nf4_tiny_llama_matches_hf_bitsandbytes(zoo):
     pair = zoo("llama_gqa")
     ours = load_model(ModelConfig(path=str(pair.folder), quantization="nf4", dtype="float32")).model
     hf = _hf_nf4(pair.folder)
-    assert _assert_same_nf4(ours, hf, [0, 1]) == 6
+    assert _assert_same_nf4(ours, hf, [0, 1]) == 10
     ids = pair.tokens(20, seed=4)
     _nf4_logit_check(ours, hf, ids, hf_logits(pair.hf, ids))
 
@@ -387,7 +394,7 @@ def test_nf4_embedded_matches_hf_bitsandbytes(embedded_dir, smol_fp32, hf_smol_f
     ours = load_model(ModelConfig(path=str(embedded_dir), quantization="nf4", dtype="float32")).model
     hf = _hf_nf4(embedded_dir)
     last = ours.arch.num_layers - 1
-    assert _assert_same_nf4(ours, hf, [0, last]) == 6
+    assert _assert_same_nf4(ours, hf, [0, last]) == 10
     ids = _chat_ids(smol_fp32.tokenizer)[:24]
     _nf4_logit_check(ours, hf, ids, hf_logits(hf_smol_fp32, ids))
 
