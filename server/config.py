@@ -120,12 +120,19 @@ class SchedulerConfig:
     """Used when a request leaves max_new_tokens at 0."""
     max_top_logprobs: int = 20
     """Largest top_logprobs a request may ask for."""
+    long_prefill_token_threshold: int | None = None
+    """Most prompt tokens one sequence may prefill in a step while other sequences decode (then the
+    rest of the budget goes to other prompts and new requests); None = max_num_batched_tokens // 4."""
 
     def __post_init__(self):
         problems = []
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_new_tokens_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (>= 1)")
+        threshold = self.long_prefill_token_threshold
+        if threshold is not None and not 1 <= threshold <= self.max_num_batched_tokens:
+            problems.append(f"long_prefill_token_threshold={threshold} (1..max_num_batched_tokens="
+                            f"{self.max_num_batched_tokens})")
         if self.max_num_batched_tokens < self.max_num_seqs:
             problems.append(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} (>= max_num_seqs={self.max_num_seqs}, "
@@ -134,6 +141,11 @@ class SchedulerConfig:
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             problems.append(f"default_max_new_tokens={self.default_max_new_tokens} (1..max_new_tokens_limit)")
         _raise_if(problems, "scheduler config")
+
+    @property
+    def prefill_chunk_cap(self) -> int:
+        """long_prefill_token_threshold, or its default."""
+        return self.long_prefill_token_threshold or max(1, self.max_num_batched_tokens // 4)
 
 
 @dataclass(frozen=True, slots=True)
