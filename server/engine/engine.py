@@ -265,6 +265,14 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._incoming or self.scheduler.has_work())
 
+    def adapter_keys_in_use(self, timeout: float = 60.0) -> set[str]:
+        """Adapter cache keys that queued or running requests use (their files must stay on disk)."""
+        def collect():
+            with self._lock:
+                seqs = [*self._incoming, *self.scheduler.waiting, *self.scheduler.running]
+            return {key for seq in seqs for need in seq.needs for key in (need.key, *need.depends_on)}
+        return self.run_on_engine_thread(collect, timeout)
+
     @property
     def accepting(self) -> bool:
         """False once stop() began: submit() raises Unavailable."""

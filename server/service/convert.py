@@ -83,6 +83,7 @@ def adapter_info(status: AdapterStatus) -> apb.AdapterInfo:
     info = entry_info(status.entry, status.state)
     info.source = status.source
     info.request_count = status.request_count
+    info.warnings.extend(status.warnings)
     if status.last_used is not None:
         info.last_used.CopyFrom(_timestamp(status.last_used))
     return info
