@@ -191,6 +191,15 @@ class ServiceConfig:
     """Distinct adapter names that get their own metrics label; later ones are counted as `other`."""
     stats_flush_seconds: float = 30.0
     """How often adapter use counts are written to the registry (also on shutdown)."""
+    request_workers: int = 2
+    """Threads that validate and tokenize requests, off the event loop."""
+    max_pending_requests: int = 256
+    """Requests waiting for a worker thread; beyond it RESOURCE_EXHAUSTED at once."""
+    min_free_disk_bytes: int = 256 << 20
+    """Registrations and uploads are refused when they would leave less free space on the state dir's disk."""
+    strict_base: bool = False
+    """Refuse adapters whose adapter_config.json names another base model (or none); default: register
+    them with a warning in AdapterInfo.warnings and the log."""
 
     def __post_init__(self):
         problems = []
@@ -209,6 +218,11 @@ class ServiceConfig:
             problems.append(f"max_upload_bytes={self.max_upload_bytes} (>= 1)")
         if self.max_adapter_labels < 0:
             problems.append(f"max_adapter_labels={self.max_adapter_labels} (>= 0)")
+        for name in ("request_workers", "max_pending_requests"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (>= 1)")
+        if self.min_free_disk_bytes < 0:
+            problems.append(f"min_free_disk_bytes={self.min_free_disk_bytes} (>= 0)")
         if not self.state_dir:
             problems.append("state_dir is empty")
         _raise_if(problems, "service config")

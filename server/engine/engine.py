@@ -37,7 +37,7 @@ from .handle import RequestHandle
 from .kv_cache import allocate_kv_cache, kv_bytes_per_block
 from .mixes import resolve_adapters
 from .outputs import process_sampled
-from .requests import RequestLimits, tokenize_request, validate_request
+from .requests import RequestLimits, prompt_byte_limit, tokenize_request, validate_request
 from .runner import ModelRunner
 from .scheduler import Admission, Scheduler
 from .sequence import Sequence, SeqStatus
@@ -78,7 +78,8 @@ class Engine:
             max_model_len=model_len, max_new_tokens_limit=config.scheduler.max_new_tokens_limit,
             default_max_new_tokens=config.scheduler.default_max_new_tokens,
             max_top_logprobs=config.scheduler.max_top_logprobs,
-            max_adapters_per_request=lora.max_adapters_per_request, vocab_size=self.arch.vocab_size)
+            max_adapters_per_request=lora.max_adapters_per_request, vocab_size=self.arch.vocab_size,
+            max_prompt_bytes=prompt_byte_limit(model_len, self.tokenizer))
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if self.tokenizer is not None and self.tokenizer.eos_token_id is not None
             else [])
