@@ -191,6 +191,10 @@ class ServiceConfig:
     """Distinct adapter names that get their own metrics label; later ones are counted as `other`."""
     stats_flush_seconds: float = 30.0
     """How often adapter use counts are written to the registry (also on shutdown)."""
+    max_message_bytes: int = 16 << 20
+    """Largest gRPC message received. Text requests larger than their context could use are refused
+    INVALID_ARGUMENT naming the field, unparsed; past this limit gRPC itself refuses them
+    (RESOURCE_EXHAUSTED, without the field, but before the event loop spends ~3 ms per MB receiving them)."""
     request_workers: int = 2
     """Threads that validate and tokenize requests, off the event loop."""
     max_pending_requests: int = 256
@@ -218,6 +222,8 @@ class ServiceConfig:
             problems.append(f"max_upload_bytes={self.max_upload_bytes} (>= 1)")
         if self.max_adapter_labels < 0:
             problems.append(f"max_adapter_labels={self.max_adapter_labels} (>= 0)")
+        if self.max_message_bytes < 1 << 20:
+            problems.append(f"max_message_bytes={self.max_message_bytes} (>= 1 MiB: upload chunks are 1 MiB)")
         for name in ("request_workers", "max_pending_requests"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (>= 1)")

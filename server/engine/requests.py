@@ -57,6 +57,16 @@ def _longest_token_bytes(tokenizer) -> int:
     return longest
 
 
+def max_request_bytes(limits: RequestLimits) -> int | None:
+    """Largest serialized GenerateRequest / TokenizeRequest that could be valid: the prompt bytes, plus
+    framing per chat message (roles are short), stop strings, request_id and adapter names. The service
+    refuses bigger messages before parsing them."""
+    if limits.max_prompt_bytes is None:
+        return None
+    return (limits.max_prompt_bytes + 32 * limits.max_model_len + MAX_STOP_SEQUENCES * (MAX_STOP_SEQUENCE_BYTES + 8)
+            + MAX_REQUEST_ID_BYTES + (limits.max_adapters_per_request + 1) * (MAX_ADAPTER_NAME_BYTES + 16) + 4096)
+
+
 def over_bytes(text: str, limit: int) -> bool:
     """len(text.encode()) > limit, without encoding when the length alone decides (UTF-8: 1-4 bytes a character)."""
     if len(text) * 4 <= limit:

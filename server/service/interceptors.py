@@ -19,7 +19,7 @@ import logging
 import grpc
 
 from ..errors import LoraplexError
-from .wire import diagnose
+from .wire import diagnose, largest_field
 
 log = logging.getLogger(__name__)
 
@@ -107,26 +107,34 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 class Undecodable:
-    """What a tolerant deserializer returns for bytes protobuf refused (in place of the message)."""
+    """What a tolerant deserializer returns for bytes protobuf refused, or for a message over the method's
+    size limit (never parsed), in place of the message."""
 
-    __slots__ = ("descriptor", "data", "error")
+    __slots__ = ("descriptor", "data", "error", "limit")
 
-    def __init__(self, descriptor, data: bytes, error: Exception):
-        self.descriptor, self.data, self.error = descriptor, data, error
+    def __init__(self, descriptor, data: bytes, error: Exception | None, limit: int | None = None):
+        self.descriptor, self.data, self.error, self.limit = descriptor, data, error, limit
 
     def message(self) -> str:
+        if self.error is None:  # too large
+            found = largest_field(self.descriptor, self.data) if self.descriptor is not None else None
+            name, size = found or ("request", len(self.data))
+            return (f"{name}: {size} bytes, in a request of {len(self.data)} bytes; this method takes requests of "
+                    f"at most {self.limit} bytes (more text than that cannot fit the server's context)")
         what = self.descriptor.full_name if self.descriptor is not None else "the request message"
         where = diagnose(self.descriptor, self.data) if self.descriptor is not None else None
         detail = where or f"{type(self.error).__name__}: {self.error}"
         return f"request: the bytes cannot be decoded as {what}: {detail}"
 
 
-def _tolerant(deserializer):
+def _tolerant(deserializer, limit: int | None = None):
     if deserializer is None:
         return None
     descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
 
     def deserialize(data: bytes):
+        if limit is not None and len(data) > limit:
+            return Undecodable(descriptor, data, None, limit)  # refused unparsed: no work for its size
         try:
             return deserializer(data)
         except Exception as exc:  # DecodeError, or anything else a deserializer may raise on bad bytes
@@ -135,12 +143,20 @@ def _tolerant(deserializer):
 
 
 class DecodeInterceptor(grpc.aio.ServerInterceptor):
-    """Undecodable request bytes -> INVALID_ARGUMENT naming the field, on every method (see module doc)."""
+    """Undecodable request bytes -> INVALID_ARGUMENT naming the field, on every method (see module doc).
+
+    `limit_for(method)`: the largest request message that method can usefully take (None: the server's
+    overall limit); a bigger one is refused without being parsed, naming its largest field.
+    """
+
+    def __init__(self, limit_for=None):
+        self.limit_for = limit_for
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
+        limit = self.limit_for(details.method) if self.limit_for is not None else None
 
         def wrap(behavior, streaming):
             streaming_request = handler.stream_unary is not None or handler.stream_stream is not None
@@ -178,7 +194,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(refusal))
             return unary
 
-        return _replace_behavior(handler, wrap, deserializer=_tolerant)
+        return _replace_behavior(handler, wrap, deserializer=lambda old: _tolerant(old, limit))
 
 
 class _Refusal(Exception):

@@ -49,6 +49,8 @@ def add_serve_parser(sub) -> None:
     add("--strict-base", action="store_true",
         help="refuse adapters whose adapter_config.json names another base model (default: register them "
              "with a warning in AdapterInfo.warnings)")
+    add("--max-message-bytes", type=int, default=16 << 20,
+        help="largest gRPC message received (text requests past their context are refused before parsing)")
     add("--request-workers", type=int, default=2, help="threads that validate and tokenize requests")
     add("--max-pending-requests", type=int, default=256,
         help="requests waiting for a worker thread; beyond it RESOURCE_EXHAUSTED")
@@ -79,7 +81,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, grace_seconds=args.grace_seconds,
         max_upload_bytes=args.max_upload_bytes, max_adapter_labels=args.max_adapter_labels,
         min_free_disk_bytes=args.min_free_disk_bytes, strict_base=bool(args.strict_base),
-        request_workers=args.request_workers, max_pending_requests=args.max_pending_requests)
+        request_workers=args.request_workers, max_pending_requests=args.max_pending_requests,
+        max_message_bytes=args.max_message_bytes)
     from ..cli import resolve_device
 
     device = resolve_device(args.device)

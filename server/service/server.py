@@ -20,6 +20,7 @@ from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generat
 
 from ..adapters.registry import AdapterRegistry
 from ..config import EngineConfig, ServiceConfig
+from ..engine.requests import max_request_bytes
 from ..errors import ConfigError
 from .admin import AdaptersServicer
 from .interceptors import DecodeInterceptor, ErrorInterceptor, Scrubber, TokenAuthInterceptor
@@ -32,9 +33,7 @@ log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 ADAPTERS_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
-MAX_MESSAGE_BYTES = 16 << 20
-"""Largest single gRPC message (uploads stream files in chunks well under this). Prompts are bounded far
-lower, in bytes derived from the context length (engine/requests.py), before any work is spent."""
+_TEXT_METHODS = {f"/{GENERATION_SERVICE}/{name}" for name in ("Generate", "GenerateStream", "Tokenize")}
 SWEEP_SECONDS = 0.5
 """How often the files of deleted or replaced adapter versions are looked at for removal."""
 
@@ -73,8 +72,9 @@ class LoraplexServer:
         config = self.config
         server = grpc.aio.server(
             interceptors=[TokenAuthInterceptor(config.admin_tokens, config.generation_tokens),
-                          ErrorInterceptor(_state_dir_scrubber(config.state_dir)), DecodeInterceptor()],
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
+                          ErrorInterceptor(_state_dir_scrubber(config.state_dir)),
+                          DecodeInterceptor(self._request_limit)],
+            options=[("grpc.max_receive_message_length", config.max_message_bytes), ("grpc.so_reuseport", 0)])
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.runtime), server)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.runtime), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -153,6 +153,13 @@ class LoraplexServer:
             except OSError as exc:
                 log.warning("could not write adapter stats: %s", exc)
 
+
+    def _request_limit(self, method: str) -> int | None:
+        """Generate / GenerateStream / Tokenize messages larger than any valid request are refused unparsed."""
+        engine = self.runtime.engine
+        if engine is None or method not in _TEXT_METHODS:
+            return None
+        return max_request_bytes(engine.limits)
 
     async def _sweep_retired(self) -> None:
         """Remove deleted / replaced adapter versions' files once the last request using them ends."""

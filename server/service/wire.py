@@ -39,6 +39,32 @@ def diagnose(descriptor: Descriptor, data: bytes) -> str | None:
     return None
 
 
+def largest_field(descriptor: Descriptor, data: bytes) -> tuple[str, int] | None:
+    """(name, bytes) of the largest length-delimited top-level field, from the tags alone (payloads are
+    skipped, not read): what to name when a message is refused for its size."""
+    view, pos, best, budget = memoryview(data), 0, None, _Budget()
+    try:
+        while pos < len(view):
+            budget.spend()
+            tag, pos = _varint(view, pos, "message")
+            number, wire = tag >> 3, tag & 7
+            if wire == _VARINT:
+                _, pos = _varint(view, pos, "message")
+            elif wire in (_I64, _I32):
+                pos += 8 if wire == _I64 else 4
+            elif wire == _LEN:
+                length, pos = _varint(view, pos, "message")
+                field = descriptor.fields_by_number.get(number)
+                if best is None or length > best[1]:
+                    best = (field.name if field is not None else f"<field {number}>", length)
+                pos += length
+            else:
+                break
+    except _Found:
+        pass
+    return best
+
+
 def _varint(data: memoryview, pos: int, where: str) -> tuple[int, int]:
     value, shift = 0, 0
     while True:
