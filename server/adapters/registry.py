@@ -305,7 +305,10 @@ class AdapterRegistry:
             due = [key for key, (_, since) in self._retired.items() if now - since >= RETIRED_SETTLE_SECONDS]
         if not due:
             return []
-        in_use = self.engine.adapter_keys_in_use()
+        try:
+            in_use = self.engine.adapter_keys_in_use(timeout=5.0)
+        except TimeoutError:  # the engine is stopping (or one step is very long): next round
+            return []
         removed = []
         with self._lock:
             live = {(self.state_dir / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}

@@ -127,11 +127,11 @@ class LoraplexServer:
         self.runtime.draining = True  # new calls: UNAVAILABLE from here on
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         engine, registry = self.runtime.engine, self.runtime.registry
-        if engine is not None:
-            await asyncio.to_thread(engine.stop, grace)  # running requests finish, or are cancelled at `grace`
         for task in (self._flusher, self._sweeper):
             if task is not None:
                 task.cancel()
+        if engine is not None:
+            await asyncio.to_thread(engine.stop, grace)  # running requests finish, or are cancelled at `grace`
         if self._server is not None:
             await self._server.stop(1.0)  # handlers send their last messages
         if registry is not None:
