@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from loraplex.server.service.client import Client, ClientConfig, chat_request
 from loraplex.v1 import adapters_pb2 as apb
@@ -126,8 +125,8 @@ def test_kill_9_during_concurrent_registers_and_uploads(adapter_root, tmp_path):
             print(f"round {round_}: {len(snapshot)} acknowledged, {len(listed)} registered after kill -9")
         assert acked, "no registration was acknowledged: the kills came too early to test anything"
         name = sorted(n for n in acked if not n.startswith("shared"))[0]
-        reply = serve.client.generation.Generate(chat_request("Name a color.", adapter=name, stopping=gpb.StoppingCriteria(
-            max_new_tokens=2, ignore_eos=True)))
+        stopping = gpb.StoppingCriteria(max_new_tokens=2, ignore_eos=True)
+        reply = serve.client.generation.Generate(chat_request("Name a color.", adapter=name, stopping=stopping))
         assert reply.generated_tokens == 2 and reply.adapter_version.startswith(name)
         assert serve.stop() == 0
     finally:

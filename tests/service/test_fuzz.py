@@ -93,7 +93,8 @@ def generate_requests(draw) -> gpb.GenerateRequest:
     message = gpb.GenerateRequest(
         adapter=pick(st.sampled_from(["", "", "caps"]), names),
         merge_method=pick(st.just(0), st.integers(-3, 6)), merge_seed=draw(st.integers(0, 2**64 - 1)),
-        request_id=pick(st.just(""), texts), top_logprobs=pick(st.sampled_from([0, 2]), st.sampled_from([21, 2**32 - 1])))
+        request_id=pick(st.just(""), texts),
+        top_logprobs=pick(st.sampled_from([0, 2]), st.sampled_from([21, 2**32 - 1])))
     if not message.adapter and draw(st.integers(0, 9)) < 2:
         for _ in range(draw(st.integers(1, 3))):
             message.adapters.add(name=pick(st.just("caps"), names), weight=pick(st.floats(-2, 2), floats))

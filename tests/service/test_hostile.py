@@ -395,7 +395,8 @@ def test_registration_stops_when_the_client_goes_away(client, state):
 
 def test_config_targets_must_agree_with_the_tensors(client, state):
     before = state_files(state)
-    error = rpc_error(lambda: client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="f", source="foo_targets")))
+    error = rpc_error(lambda: client.adapters.RegisterAdapter(
+        apb.RegisterAdapterRequest(name="f", source="foo_targets")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "foo_proj" in error.details() and "disagree" in error.details()
     assert state_files(state) == before
@@ -466,7 +467,8 @@ def test_messages_never_show_the_state_dir(client, server, state, hostile_root, 
     weights = corrupt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     details = []
-    error = rpc_error(lambda: client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="cw", source="corrupt_weights")))
+    error = rpc_error(lambda: client.adapters.RegisterAdapter(
+        apb.RegisterAdapterRequest(name="cw", source="corrupt_weights")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and str(corrupt) in error.details()  # the caller's path
     details.append(error.details())
     error = rpc_error(lambda: client.upload("cw", corrupt))
