@@ -122,12 +122,19 @@ class SchedulerConfig:
     """Largest top_logprobs a request may ask for."""
     overlap_steps: bool | None = None
     """Launch step n+1 before reading step n's tokens back (None: on for CUDA, off on the CPU)."""
+    long_prefill_token_threshold: int | None = None
+    """Most prompt tokens one sequence may prefill in a step while other sequences decode (then the
+    rest of the budget goes to other prompts and new requests); None = max_num_batched_tokens // 4."""
 
     def __post_init__(self):
         problems = []
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_new_tokens_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (>= 1)")
+        threshold = self.long_prefill_token_threshold
+        if threshold is not None and not 1 <= threshold <= self.max_num_batched_tokens:
+            problems.append(f"long_prefill_token_threshold={threshold} (1..max_num_batched_tokens="
+                            f"{self.max_num_batched_tokens})")
         if self.max_num_batched_tokens < self.max_num_seqs:
             problems.append(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} (>= max_num_seqs={self.max_num_seqs}, "
@@ -136,6 +143,11 @@ class SchedulerConfig:
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             problems.append(f"default_max_new_tokens={self.default_max_new_tokens} (1..max_new_tokens_limit)")
         _raise_if(problems, "scheduler config")
+
+    @property
+    def prefill_chunk_cap(self) -> int:
+        """long_prefill_token_threshold, or its default."""
+        return self.long_prefill_token_threshold or max(1, self.max_num_batched_tokens // 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +193,19 @@ class ServiceConfig:
     """Distinct adapter names that get their own metrics label; later ones are counted as `other`."""
     stats_flush_seconds: float = 30.0
     """How often adapter use counts are written to the registry (also on shutdown)."""
+    max_message_bytes: int = 16 << 20
+    """Largest gRPC message received. Text requests larger than their context could use are refused
+    INVALID_ARGUMENT naming the field, unparsed; past this limit gRPC itself refuses them
+    (RESOURCE_EXHAUSTED, without the field, but before the event loop spends ~3 ms per MB receiving them)."""
+    request_workers: int = 2
+    """Threads that validate and tokenize requests, off the event loop."""
+    max_pending_requests: int = 256
+    """Requests waiting for a worker thread; beyond it RESOURCE_EXHAUSTED at once."""
+    min_free_disk_bytes: int = 256 << 20
+    """Registrations and uploads are refused when they would leave less free space on the state dir's disk."""
+    strict_base: bool = False
+    """Refuse adapters whose adapter_config.json names another base model (or none); default: register
+    them with a warning in AdapterInfo.warnings and the log."""
 
     def __post_init__(self):
         problems = []
@@ -199,6 +224,13 @@ class ServiceConfig:
             problems.append(f"max_upload_bytes={self.max_upload_bytes} (>= 1)")
         if self.max_adapter_labels < 0:
             problems.append(f"max_adapter_labels={self.max_adapter_labels} (>= 0)")
+        if self.max_message_bytes < 1 << 20:
+            problems.append(f"max_message_bytes={self.max_message_bytes} (>= 1 MiB: upload chunks are 1 MiB)")
+        for name in ("request_workers", "max_pending_requests"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (>= 1)")
+        if self.min_free_disk_bytes < 0:
+            problems.append(f"min_free_disk_bytes={self.min_free_disk_bytes} (>= 0)")
         if not self.state_dir:
             problems.append("state_dir is empty")
         _raise_if(problems, "service config")

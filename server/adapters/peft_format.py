@@ -6,6 +6,7 @@ scale is alpha / r, or alpha / sqrt(r) with rsLoRA. Nothing here knows about slo
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -13,11 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import regex as _regex
+
 from ..errors import InvalidAdapter
 from ..model.arch import ATTENTION_MODULES, LINEAR_MODULES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+"""adapter_config.json is a few KB; a larger one is refused before it is parsed."""
+MAX_JSON_DEPTH = 16
+"""Nesting of adapter_config.json (PEFT writes 3 levels at most); deeper is refused before parsing."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """Weight files we refuse to open: torch.load unpickles, which can run arbitrary code."""
 KEY_PREFIX = "base_model.model."
@@ -78,57 +85,132 @@ class PeftLoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+PATTERN_TIMEOUT_SECONDS = 0.05
+"""Budget of one config regex against one module name. The patterns come from the adapter's author:
+`(.*)*x` takes Python's re minutes (holding the GIL, so the whole server), hence the `regex`
+module, which stops a match after this long (and releases the GIL while it runs)."""
+
+
+def pattern_matches(pattern: str, text: str, *, full: bool) -> bool:
+    """re.fullmatch / re.match of a pattern from adapter_config.json, time-bounded; a pattern that
+    runs out of time raises InvalidAdapter naming it."""
+    try:
+        found = (_regex.fullmatch if full else _regex.match)(pattern, text, timeout=PATTERN_TIMEOUT_SECONDS,
+                                                                 concurrent=True)
+    except TimeoutError:
+        raise InvalidAdapter(f"adapter_config.json: the pattern {_shown_value(pattern)} takes too long to match "
+                             f"{text!r} (over {PATTERN_TIMEOUT_SECONDS} s); simplify it") from None
+    except (_regex.error, RecursionError, OverflowError) as exc:
+        raise InvalidAdapter(f"adapter_config.json: {_shown_value(pattern)} is not a valid regex ({exc})") from None
+    return found is not None
+
+
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     """The first pattern that matches the end of key_to_match at a dot boundary, else key_to_match.
 
     Same as peft.utils.other.get_pattern_key: patterns are regexes, dict order decides ties.
     """
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
+        if pattern_matches(rf"(.*\.)?({key})$", key_to_match, full=False):
             return key
     return key_to_match
 
 
-def read_lora_config(folder: str | Path, name: str) -> PeftLoraConfig:
-    """Parse adapter_config.json; raise InvalidAdapter naming the adapter and the field."""
+def shown_path(folder: str | Path, file_name: str, shown_as: str | None) -> str:
+    """How a file is named in messages: under `shown_as` (the caller's own name for the folder: a
+    registered source; "" for an upload, which has only file names) instead of where the server keeps it."""
+    if shown_as is None:
+        return str(Path(folder) / file_name)
+    return str(Path(shown_as) / file_name) if shown_as else file_name
+
+
+def _shown_value(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.S)
+"""A JSON string, or an unterminated one up to the end: linear even on hostile text."""
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of [] / {} in a JSON text (strings skipped), without parsing it; linear time."""
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def load_bounded_json(path: Path, what: str, max_bytes: int = MAX_CONFIG_BYTES, max_depth: int = MAX_JSON_DEPTH):
+    """json.loads of a small file, refusing (ValueError, naming `what`) before parsing: files over
+    `max_bytes`, anything that is not a regular file, nesting deeper than `max_depth`."""
+    if not path.is_file():
+        raise FileNotFoundError(path) if not path.exists() else ValueError(f"{what} is not a regular file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{what} has {size} bytes, more than the {max_bytes} allowed")
+    with open(path, "rb") as handle:
+        text = handle.read(max_bytes + 1).decode("utf-8")
+    if len(text) > max_bytes:
+        raise ValueError(f"{what} has more than the {max_bytes} bytes allowed")
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"{what} nests {depth} levels deep, more than the {max_depth} allowed")
+    return json.loads(text)
+
+
+def read_lora_config(folder: str | Path, name: str, shown_as: str | None = None) -> PeftLoraConfig:
+    """Parse adapter_config.json (size- and depth-bounded); raise InvalidAdapter naming the adapter and the
+    field. `shown_as`: see shown_path."""
     path = Path(folder) / ADAPTER_CONFIG
+    shown = shown_path(folder, ADAPTER_CONFIG, shown_as)
     try:
-        raw = json.loads(path.read_text())
+        raw = load_bounded_json(path, shown)
     except FileNotFoundError:
-        raise InvalidAdapter(f"adapter {name!r}: {path} not found (a PEFT adapter folder needs "
+        raise InvalidAdapter(f"adapter {name!r}: {shown} not found (a PEFT adapter folder needs "
                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidAdapter(f"adapter {name!r}: {path} is not valid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InvalidAdapter(f"adapter {name!r}: {shown} is not valid JSON ({detail})") from None
+    path = shown
     if not isinstance(raw, dict):
         raise InvalidAdapter(f"adapter {name!r}: {path} must hold a JSON object, got {type(raw).__name__}")
     problems = []
     if raw.get("peft_type") != "LORA":
-        problems.append(f"peft_type is {raw.get('peft_type')!r}, only 'LORA' is supported")
+        problems.append(f"peft_type is {_shown_value(raw.get('peft_type'))}, only 'LORA' is supported")
     r = raw.get("r")
     if not _is_int(r) or r < 1:
-        problems.append(f"r must be a positive integer, got {r!r}")
+        problems.append(f"r must be a positive integer, got {_shown_value(r)}")
     alpha = raw.get("lora_alpha", 8)
     if not _is_number(alpha):
-        problems.append(f"lora_alpha must be a number, got {alpha!r}")
+        problems.append(f"lora_alpha must be a number, got {_shown_value(alpha)}")
     rank_pattern = raw.get("rank_pattern") or {}
     alpha_pattern = raw.get("alpha_pattern") or {}
     for field_name, pattern, ok, want in (("rank_pattern", rank_pattern, lambda v: _is_int(v) and v >= 1,
                                            "a positive integer"),
                                           ("alpha_pattern", alpha_pattern, _is_number, "a number")):
         if not isinstance(pattern, dict):
-            problems.append(f"{field_name} must be an object, got {pattern!r}")
+            problems.append(f"{field_name} must be an object, got {_shown_value(pattern)}")
             continue
         for key, value in pattern.items():
             if not ok(value):
-                problems.append(f"{field_name}[{key!r}] must be {want}, got {value!r}")
+                problems.append(f"{field_name}[{_shown_value(key)}] must be {want}, got {_shown_value(value)}")
             try:
-                re.compile(key)
-            except re.error as exc:
-                problems.append(f"{field_name} key {key!r} is not a valid regex ({exc})")
+                _regex.compile(key)
+            except (_regex.error, RecursionError, OverflowError) as exc:
+                problems.append(f"{field_name} key {_shown_value(key)} is not a valid regex ({exc})")
     targets = raw.get("target_modules")
     if not (targets is None or isinstance(targets, str)
             or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        problems.append(f"target_modules must be a list of names or a regex string, got {targets!r}")
+        problems.append(f"target_modules must be a list of names or a regex string, got {_shown_value(targets)}")
+    elif isinstance(targets, str) and targets != "all-linear":
+        try:
+            _regex.compile(targets)
+        except (_regex.error, RecursionError, OverflowError) as exc:
+            problems.append(f"target_modules {_shown_value(targets)} is not a valid regex ({exc})")
+    layers = raw.get("layers_to_transform")
+    if not (layers is None or _is_int(layers) or (isinstance(layers, list) and all(_is_int(x) for x in layers))):
+        problems.append(f"layers_to_transform must be a layer index or a list of them, got {_shown_value(layers)}")
     if problems:
         raise InvalidAdapter(f"adapter {name!r}: {path}: " + "; ".join(problems))
     return PeftLoraConfig(
@@ -136,6 +218,26 @@ def read_lora_config(folder: str | Path, name: str) -> PeftLoraConfig:
         target_modules=tuple(targets) if isinstance(targets, list) else targets,
         rank_pattern=dict(rank_pattern), alpha_pattern=dict(alpha_pattern),
         base_model_name_or_path=raw.get("base_model_name_or_path"), raw=raw)
+
+
+def base_model_warning(named, base_names: tuple[str, ...]) -> str | None:
+    """Why adapter_config.json's base_model_name_or_path may not be this server's base (None: it is).
+
+    Equal ignoring case and a trailing '/', or the same last path component (a hub id beside a local
+    folder of that model). Shapes are checked separately: this catches another base of the same shape.
+    """
+    def norm(text: str) -> str:
+        return text.strip().rstrip("/").lower()
+
+    bases = [norm(b) for b in base_names if b]
+    if not isinstance(named, str) or not named.strip():
+        return "adapter_config.json names no base model (base_model_name_or_path), so it may have been trained " \
+               "for another base of the same shape"
+    given = norm(named)
+    if given in bases or given.rsplit("/", 1)[-1] in {b.rsplit("/", 1)[-1] for b in bases}:
+        return None
+    return (f"adapter_config.json names base model {_shown_value(named)}, not this server's "
+            f"{base_names[0]!r}; its shapes fit, but it was trained for another model")
 
 
 def unsupported_features(raw: dict) -> list[str]:

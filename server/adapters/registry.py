@@ -6,27 +6,37 @@
 
 A registration copies (or receives) the files into staging, validates the copy against the base,
 moves it into place, writes registry.json, and only then hands the weights to the engine; any
-failure undoes every earlier step, so nothing is ever half-registered. Versions never repeat, even
-after a delete; a replaced or deleted version's folder stays until the next start, so requests that
-still run on it can reload it. On start, every recorded adapter is registered again under its own
-version (pinned ones pinned, so preloaded), and folders no record names are removed.
+failure undoes every earlier step, so nothing is ever half-registered. Before copying, a source's
+files are checked against the largest size a valid adapter with its config can have and against
+the free disk (`min_free_disk_bytes` stays free); a copy stops as soon as its client goes away, and
+staging is removed at once on any failure. Versions never repeat, even after a delete; a replaced
+or deleted version's folder is removed by `sweep_retired()` once no queued or running request uses
+it (requests still running on it may need to reload it). On start, every recorded adapter is
+registered again under its own version (pinned ones pinned, so preloaded), and folders no record
+names are removed.
+
+Messages name the caller's own paths (its source folder, or the file names of an upload), never the
+state dir. An adapter whose config names another base model (of the same shapes) is registered with
+a warning (AdapterInfo.warnings, the log), or refused with `strict_base`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
-from ..errors import AdapterNotFound, FailedPrecondition, InvalidAdapter
+from ..errors import AdapterMismatch, AdapterNotFound, FailedPrecondition, InvalidAdapter, ResourceExhausted
 from .catalog import AdapterEntry
-from ..hashing import file_sha256
-from .loader import load_adapter
-from .sources import check_name, copy_source, remove_tree, resolve_source
+from .loader import load_adapter, max_weights_bytes, rank_over_max
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, base_model_warning, read_lora_config
+from .sources import TooLarge, check_name, copy_source, remove_tree, resolve_source, source_files, stop_if
 from .types import check_fits
 from .upload import UploadWriter
 
@@ -34,6 +44,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 UPLOAD_SOURCE = "upload"
+RETIRED_SETTLE_SECONDS = 1.0
+"""A retired version's folder is kept at least this long: a request that looked the version up just
+before it was retired may still be on its way into the engine's queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +61,21 @@ class AdapterStatus:
     request_count: int
     last_used: float | None
     """Unix time of its last use, None = never."""
+    warnings: tuple[str, ...] = ()
+    """What registration noticed but let pass (e.g. another base model named in its config)."""
 
 
 class AdapterRegistry:
-    def __init__(self, engine, state_dir: str | Path, adapter_roots: list[str | Path], max_upload_bytes: int):
+    def __init__(self, engine, state_dir: str | Path, adapter_roots: list[str | Path], max_upload_bytes: int,
+                 min_free_disk_bytes: int = 0, strict_base: bool = False):
         self.engine = engine
         self.state_dir = Path(state_dir)
         self.roots = [Path(r) for r in adapter_roots]
         self.max_upload_bytes = max_upload_bytes
+        self.min_free_disk_bytes = min_free_disk_bytes
+        self.strict_base = strict_base
+        self._retired: dict[str, tuple[Path, float]] = {}
+        """Cache key (name@version) of a replaced or deleted version -> (its folder, when it was retired)."""
         self._lock = threading.RLock()
         self._records: dict[str, dict] = {}
         self._last_versions: dict[str, int] = {}
@@ -102,6 +122,7 @@ class AdapterRegistry:
         if record.get("sha256") and weights.sha256 != record["sha256"]:
             raise InvalidAdapter(f"{folder / 'adapter_model.safetensors'} changed on disk since it was registered "
                                  f"(sha256 {weights.sha256[:12]}..., recorded {record['sha256'][:12]}...)")
+        record["warnings"] = self._warnings(name, weights)  # --strict-base governs new registrations only
         engine.register_weights(name, replace(weights, source=str(folder)), pin=bool(record.get("pinned")),
                                 version=int(record["version"]), registered_at=record.get("registered_at"))
 
@@ -113,7 +134,7 @@ class AdapterRegistry:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
             return data
-        except (ValueError, OSError, AttributeError) as exc:
+        except (ValueError, OSError, AttributeError, RecursionError) as exc:
             raise FailedPrecondition(f"state dir: {self.path} cannot be read ({exc}); fix or move it away "
                                      "(the server never overwrites a registry it cannot read)") from None
 
@@ -127,19 +148,37 @@ class AdapterRegistry:
                 folder.rmdir()
 
     # ---- registration ----
-    def register(self, name: str, source: str, pin: bool = False, preload: bool = False) -> AdapterEntry:
-        """From a folder inside the adapter roots."""
+    def register(self, name: str, source: str, pin: bool = False, preload: bool = False,
+                 should_stop: Callable[[], bool] | None = None) -> AdapterEntry:
+        """From a folder inside the adapter roots. `should_stop()`: true once the caller went away; the
+        copy and every later step then stop (Cancelled) and leave nothing behind."""
         check_name(name)
         folder = resolve_source(source, self.roots)
+        engine = self.engine
+        config = read_lora_config(folder, name, str(folder))  # size- and depth-bounded
+        limits = {ADAPTER_CONFIG: MAX_CONFIG_BYTES,
+                  ADAPTER_WEIGHTS: max_weights_bytes(config, engine.arch, engine.config.lora.max_lora_rank)}
+        try:
+            files = source_files(folder, self.roots, name, limits[ADAPTER_WEIGHTS])
+        except TooLarge as too_large:
+            raise rank_over_max(config, engine.config.lora.max_lora_rank, name) or too_large from None
+        self.check_free(sum(path.stat().st_size for path in files.values()))
+        stop_if(should_stop)
         staging = self.new_staging()
         try:
-            copy_source(folder, staging, self.roots, name)
-            if file_sha256(folder / "adapter_model.safetensors") != file_sha256(staging / "adapter_model.safetensors"):
-                raise InvalidAdapter(f"adapter {name!r}: {folder} changed while it was being copied; retry")
+            copy_source(files, staging, limits, should_stop)
         except BaseException:
             remove_tree(staging)
             raise
-        return self.register_staged(name, staging, str(folder), pin=pin, preload=preload)
+        return self.register_staged(name, staging, str(folder), pin=pin, preload=preload, should_stop=should_stop,
+                                    shown_as=str(folder))
+
+    def check_free(self, num_bytes: int) -> None:
+        """ResourceExhausted when writing `num_bytes` more would leave less than min_free_disk_bytes free."""
+        free = shutil.disk_usage(self.state_dir / "tmp").free
+        if free - num_bytes < self.min_free_disk_bytes:
+            raise ResourceExhausted(f"disk: the server's state dir has {free} bytes free; {num_bytes} more would leave "
+                                    f"less than the {self.min_free_disk_bytes} bytes it keeps free")
 
     def new_staging(self) -> Path:
         staging = self.state_dir / "tmp" / uuid.uuid4().hex
@@ -147,17 +186,43 @@ class AdapterRegistry:
         return staging
 
     def upload_writer(self) -> UploadWriter:
-        return UploadWriter(self.new_staging(), self.max_upload_bytes)
+        engine = self.engine
+
+        def weights_limit(config_path: Path) -> tuple[int, Exception | None]:
+            config = read_lora_config(config_path.parent, "upload", "")
+            max_rank = engine.config.lora.max_lora_rank
+            return max_weights_bytes(config, engine.arch, max_rank), rank_over_max(config, max_rank, "upload")
+        return UploadWriter(self.new_staging(), self.max_upload_bytes, weights_limit=weights_limit,
+                            check_free=self.check_free)
+
+    def _warnings(self, name: str, weights) -> list[str]:
+        loaded = getattr(self.engine, "loaded", None)
+        if loaded is None:
+            return []
+        names = (loaded.model_id, str(loaded.model_dir), Path(loaded.model_dir).name)
+        warning = base_model_warning(weights.config.get("base_model_name_or_path"), names)
+        if warning is None:
+            return []
+        log.warning("adapter %s: %s", name, warning)
+        return [warning]
 
     def register_staged(self, name: str, staging: Path, source: str, pin: bool = False,
-                        preload: bool = False) -> AdapterEntry:
-        """Validate a staged folder, move it into place, persist, then serve it. Consumes `staging`."""
+                        preload: bool = False, should_stop: Callable[[], bool] | None = None,
+                        shown_as: str = "") -> AdapterEntry:
+        """Validate a staged folder, move it into place, persist, then serve it. Consumes `staging`.
+
+        `shown_as`: how messages name the folder (the caller's source; "" for an upload: file names)."""
         final = None
         try:
             check_name(name)
             engine = self.engine
-            weights = load_adapter(staging, engine.arch, engine.config.lora.max_lora_rank, name)
+            stop_if(should_stop)
+            weights = load_adapter(staging, engine.arch, engine.config.lora.max_lora_rank, name, shown_as=shown_as)
             check_fits(weights, engine.arch, engine.config.lora.max_lora_rank)
+            warnings = self._warnings(name, weights)
+            if warnings and self.strict_base:
+                raise AdapterMismatch(f"adapter {name!r}: {warnings[0]}; this server runs with --strict-base")
+            stop_if(should_stop)
             with self._lock:
                 version = max(self._last_versions.get(name, 0), engine.catalog.last_version(name)) + 1
                 final = self.state_dir / "adapters" / name / f"v{version}"
@@ -165,11 +230,12 @@ class AdapterRegistry:
                 os.replace(staging, final)
                 _fsync_dir(final.parent)
                 previous = self._records.get(name)
+                unusable = self._unusable.get(name)
                 record = dict(version=version, sha256=weights.sha256, source=source,
                               path=str(final.relative_to(self.state_dir)),
                               pinned=bool(pin), registered_at=time.time(),
                               request_count=previous["request_count"] if previous else 0,
-                              last_used=previous["last_used"] if previous else None)
+                              last_used=previous["last_used"] if previous else None, warnings=warnings)
                 self._records[name] = record
                 self._last_versions[name] = version
                 self._unusable.pop(name, None)
@@ -179,8 +245,13 @@ class AdapterRegistry:
                                                     version=version, registered_at=record["registered_at"])
                 except BaseException:
                     self._records.pop(name) if previous is None else self._records.__setitem__(name, previous)
+                    if unusable is not None:
+                        self._unusable[name] = unusable
                     self.save()
                     raise
+                for old in (previous, unusable):
+                    if old is not None:
+                        self._retire(f"{name}@{old['version']}", self.state_dir / old["path"])
         except BaseException:
             remove_tree(staging)
             if final is not None and self._records.get(name, {}).get("path") != str(final.relative_to(self.state_dir)):
@@ -210,11 +281,52 @@ class AdapterRegistry:
                 if unusable is not None:
                     self._unusable[name] = unusable
                 raise
+            old = previous if previous is not None else unusable
+            self._retire(f"{name}@{old['version']}", self.state_dir / old["path"])
             if previous is None:  # it failed to load at start: only its record existed
                 return AdapterEntry(name=name, version=int(unusable["version"]), source=unusable.get("source", ""),
                                     sha256=unusable.get("sha256", ""), rank=0, alpha=0.0, target_modules=(),
                                     num_bytes=0)
-            return self.engine.delete_adapter(name)
+            return replace(self.engine.delete_adapter(name), source=previous.get("source", ""))
+
+    # ---- retired versions ----
+    def _retire(self, key: str, folder: Path) -> None:
+        """Lock held: `folder` (of version `key`) is no longer registered; sweep_retired removes it."""
+        self._retired[key] = (folder, time.monotonic())
+
+    @property
+    def has_retired(self) -> bool:
+        return bool(self._retired)
+
+    def sweep_retired(self) -> list[str]:
+        """Remove the folders of retired versions that no queued or running request uses; their keys."""
+        now = time.monotonic()
+        with self._lock:
+            due = [key for key, (_, since) in self._retired.items() if now - since >= RETIRED_SETTLE_SECONDS]
+        if not due:
+            return []
+        try:
+            in_use = self.engine.adapter_keys_in_use(timeout=5.0)
+        except TimeoutError:  # the engine is stopping (or one step is very long): next round
+            return []
+        removed = []
+        with self._lock:
+            live = {(self.state_dir / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}
+            for key in due:
+                if key in in_use or key not in self._retired:
+                    continue
+                folder, _ = self._retired.pop(key)
+                if folder.resolve() in live:  # defensive: never remove what a record still names
+                    continue
+                remove_tree(folder)
+                try:
+                    folder.parent.rmdir()  # the name's folder, once its last version is gone
+                except OSError:
+                    pass
+                removed.append(key)
+        if removed:
+            log.info("removed the files of retired adapter versions %s", ", ".join(removed))
+        return removed
 
     def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
         with self._lock:
@@ -243,7 +355,8 @@ class AdapterRegistry:
             record = self._records.get(name, {})
             return AdapterStatus(entry=entry, state=self.engine.cache.state_of(entry.key),
                                  source=record.get("source", entry.source),
-                                 request_count=int(record.get("request_count", 0)), last_used=record.get("last_used"))
+                                 request_count=int(record.get("request_count", 0)), last_used=record.get("last_used"),
+                                 warnings=tuple(record.get("warnings", ())))
 
     def list(self) -> list[AdapterStatus]:
         statuses = []

@@ -1,8 +1,11 @@
 """Where adapters may come from: folders inside the configured adapter roots, copied into staging.
 
 A source is resolved with every symlink followed and must stay inside a root, and so must each
-file read from it; `..` components are refused outright. Registration never reads the source
-again after copying: the registry owns an immutable copy per version.
+file read from it; `..` components are refused outright. Before a byte is copied, each file's size
+is checked against the most a valid adapter can need (the caller's limit) and the disk against the
+total; the copy goes in chunks, stops as soon as `should_stop()` says the client went away, and
+refuses a file that grows or changes meanwhile. Registration never reads the source again after
+copying: the registry owns an immutable copy per version.
 """
 from __future__ import annotations
 
@@ -10,19 +13,22 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
-from ..errors import FailedPrecondition, InvalidAdapter, InvalidArgument
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..errors import Cancelled, FailedPrecondition, InvalidAdapter, InvalidArgument
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 """The files of a PEFT LoRA folder that the server keeps (README.md and the rest are not needed)."""
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+COPY_CHUNK_BYTES = 1 << 20
 
 
 def check_name(name: str) -> str:
     """Adapter names become folder names and cache keys (`name@version`): keep them plain."""
     if not NAME_PATTERN.fullmatch(name or ""):
-        raise InvalidArgument(f"name: {name!r} is not a valid adapter name (1-64 letters, digits, '.', '_' or '-', "
+        shown = repr(name) if len(name or "") <= 80 else repr(name[:80]) + "..."
+        raise InvalidArgument(f"name: {shown} is not a valid adapter name (1-64 letters, digits, '.', '_' or '-', "
                               "starting with a letter or digit)", field="name")
     return name
 
@@ -38,6 +44,8 @@ def resolve_source(source: str, roots: list[Path]) -> Path:
                                  "so it registers adapters only by upload", field="source")
     if not source:
         raise InvalidArgument("source: empty; give a PEFT adapter folder inside the adapter roots", field="source")
+    if len(source) > 4096 or "\0" in source:
+        raise InvalidArgument("source: not a usable path (over 4096 characters, or a NUL byte)", field="source")
     if ".." in Path(source).parts:
         raise InvalidArgument(f"source: {source!r} contains '..', which is refused", field="source")
     real_roots = [Path(os.path.realpath(r)) for r in roots]
@@ -55,13 +63,25 @@ def resolve_source(source: str, roots: list[Path]) -> Path:
                           f"({', '.join(map(str, roots))})", field="source")
 
 
-def copy_source(folder: Path, staging: Path, roots: list[Path], name: str) -> None:
-    """Copy a source folder's adapter files into `staging`, refusing files that leave the roots."""
+class TooLarge(InvalidAdapter):
+    """A source file larger than any valid adapter with its config can be (nothing was copied)."""
+
+
+def stop_if(should_stop: Callable[[], bool] | None) -> None:
+    """Raise Cancelled when the caller has gone away (its RPC was cancelled or passed its deadline)."""
+    if should_stop is not None and should_stop():
+        raise Cancelled("the registration was stopped: the client went away or its deadline passed")
+
+
+def source_files(folder: Path, roots: list[Path], name: str, weights_limit: int) -> dict[str, Path]:
+    """The adapter files of a source folder (file name -> real path), each inside the roots, a regular
+    file, and no larger than a valid adapter can be; nothing is read yet."""
     from .loader import _weights_file  # torch: not for clients, which import this module for ADAPTER_FILES
 
     real_roots = [Path(os.path.realpath(r)) for r in roots]
-    _weights_file(folder, name)  # a folder of pickle weights gets its own message here
-    for file_name in ADAPTER_FILES:
+    _weights_file(folder, name, str(folder))  # a folder of pickle weights gets its own message here
+    files = {}
+    for file_name, limit in ((ADAPTER_CONFIG, MAX_CONFIG_BYTES), (ADAPTER_WEIGHTS, weights_limit)):
         path = folder / file_name
         if not path.exists():
             continue  # validating the staged copy names what is missing
@@ -70,7 +90,38 @@ def copy_source(folder: Path, staging: Path, roots: list[Path], name: str) -> No
             raise InvalidArgument(f"source: {path} is a symlink to {real}, outside the adapter roots", field="source")
         if not real.is_file():
             raise InvalidAdapter(f"source: {path} is not a regular file")
-        shutil.copyfile(real, staging / file_name)
+        size = real.stat().st_size
+        if size > limit:
+            raise TooLarge(f"adapter {name!r}: {path} has {size} bytes, more than a valid adapter with this "
+                                 f"adapter_config.json can have on this server's base ({limit} bytes at most); "
+                                 "nothing was copied")
+        files[file_name] = real
+    return files
+
+
+def copy_source(files: dict[str, Path], staging: Path, limits: dict[str, int],
+                should_stop: Callable[[], bool] | None = None) -> None:
+    """Copy source files into `staging` in chunks: stops (Cancelled) when `should_stop()` turns true,
+    refuses a file that grows past its limit or changes while it is copied."""
+    for file_name, real in files.items():
+        before = _stamp(real)
+        copied = 0
+        with open(real, "rb") as src, open(staging / file_name, "wb") as dst:
+            while chunk := src.read(COPY_CHUNK_BYTES):
+                stop_if(should_stop)
+                copied += len(chunk)
+                if copied > limits[file_name]:
+                    raise InvalidAdapter(f"source: {real} grew past {limits[file_name]} bytes while it was copied")
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if _stamp(real) != before or copied != before[1]:
+            raise InvalidAdapter(f"source: {real} changed while it was being copied; retry")
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def remove_tree(path: Path) -> None:

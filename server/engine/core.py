@@ -291,6 +291,12 @@ class EngineCore:
         seq.status = SeqStatus.FINISHED
         seq.handle.emit(self.outputs.final_chunk(done))
 
+    def adapter_keys_in_use(self) -> set[str]:
+        """Engine thread: cache keys of every queued or running request's adapters."""
+        with self._lock:
+            seqs = [*self._incoming, *self.scheduler.waiting, *self.scheduler.running]
+        return {key for seq in seqs for key in self.adapters.keys_of(seq)}
+
     # ---- gauges (read from any thread, e.g. by the metrics collector) ----
     def queue_depth(self) -> int:
         """Requests submitted but not yet running."""

@@ -28,7 +28,7 @@ from .core import EngineCore
 from .handle import RequestHandle
 from .kv_cache import allocate_kv_cache, kv_bytes_per_block
 from .output_processor import OutputProcessor
-from .requests import RequestLimits
+from .requests import RequestLimits, prompt_byte_limit
 from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ class Engine:
             max_model_len=model_len, max_new_tokens_limit=config.scheduler.max_new_tokens_limit,
             default_max_new_tokens=config.scheduler.default_max_new_tokens,
             max_top_logprobs=config.scheduler.max_top_logprobs,
-            max_adapters_per_request=lora.max_adapters_per_request, vocab_size=self.arch.vocab_size)
+            max_adapters_per_request=lora.max_adapters_per_request, vocab_size=self.arch.vocab_size,
+            max_prompt_bytes=prompt_byte_limit(model_len, self.tokenizer))
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if self.tokenizer is not None and self.tokenizer.eos_token_id is not None
             else [])
@@ -149,6 +150,10 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.core.has_work()
+
+    def adapter_keys_in_use(self, timeout: float = 60.0) -> set[str]:
+        """Adapter cache keys that queued or running requests use (their files must stay on disk)."""
+        return self.core.run_on_engine_thread(self.core.adapter_keys_in_use, timeout)
 
     @property
     def accepting(self) -> bool:

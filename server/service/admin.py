@@ -1,7 +1,14 @@
-"""The Adapters (admin) service: thin async wrappers over the registry, whose work runs off the event loop."""
+"""The Adapters (admin) service: thin async wrappers over the registry, whose work runs off the event loop.
+
+Registrations and uploads run on a thread; when the client goes away (cancel, deadline) the thread
+is told to stop (`should_stop`), so a copy never runs on for nobody and its staging goes at once.
+"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
 
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc
@@ -23,7 +30,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     async def RegisterAdapter(self, request, context):
         registry = self.runtime.require_registry()
-        await asyncio.to_thread(registry.register, request.name, request.source, request.pin, request.preload)
+        async with _stopper(context) as should_stop:
+            await asyncio.to_thread(registry.register, request.name, request.source, request.pin, request.preload,
+                                    should_stop)
         return apb.RegisterAdapterResponse(adapter=await self._info(request.name))
 
     async def UploadAdapter(self, request_iterator, context):
@@ -40,15 +49,16 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                 if message.data or message.file_name:
                     if not message.file_name:
                         raise InvalidArgument("file_name: a message carries data but no file_name", field="file_name")
-                    writer.write(message.file_name, message.data)  # page-cache writes: fast enough for the loop
+                    await asyncio.to_thread(writer.write, message.file_name, message.data)
             if name is None:
                 raise InvalidArgument("name: the upload was empty; its first message must name the adapter",
                                       field="name")
             folder = await asyncio.to_thread(writer.finish)
         except BaseException:
-            writer.abort()
+            writer.abort()  # staging goes at once, whatever ended the stream (the client too)
             raise
-        await asyncio.to_thread(registry.register_staged, name, folder, UPLOAD_SOURCE, pin, preload)
+        async with _stopper(context) as should_stop:
+            await asyncio.to_thread(registry.register_staged, name, folder, UPLOAD_SOURCE, pin, preload, should_stop)
         return apb.UploadAdapterResponse(adapter=await self._info(name))
 
     async def LoadAdapter(self, request, context):
@@ -83,3 +93,19 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         registry = self.runtime.require_registry()
         await asyncio.to_thread(registry.set_pinned, request.name, False)
         return apb.UnpinAdapterResponse(adapter=await self._info(request.name))
+
+
+@contextlib.asynccontextmanager
+async def _stopper(context):
+    """`should_stop()` for a worker thread: true once this RPC is cancelled or past its deadline."""
+    stop = threading.Event()
+    remaining = context.time_remaining()
+    deadline = time.monotonic() + remaining if remaining is not None else None
+
+    def should_stop() -> bool:
+        return stop.is_set() or (deadline is not None and time.monotonic() > deadline)
+    try:
+        yield should_stop
+    except asyncio.CancelledError:
+        stop.set()
+        raise

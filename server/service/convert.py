@@ -12,11 +12,21 @@ from loraplex.v1 import generation_pb2 as gpb
 
 from ..adapters.catalog import AdapterEntry
 from ..adapters.registry import AdapterStatus
+from ..errors import InvalidArgument
 from ..types import (AdapterWeight, ChatMessage, GenerationChunk, GenerationRequest, MergeMethod, SamplingParams,
                      StoppingCriteria)
 
 _MERGE_METHODS = {gpb.LINEAR: MergeMethod.LINEAR, gpb.TIES: MergeMethod.TIES,
                   gpb.DARE_LINEAR: MergeMethod.DARE_LINEAR, gpb.DARE_TIES: MergeMethod.DARE_TIES}
+
+
+def merge_method_from_proto(value: int) -> MergeMethod:
+    """Proto3 enums are open: a number no MergeMethod has arrives as that number, and is refused."""
+    method = _MERGE_METHODS.get(value)
+    if method is None:
+        names = ", ".join(f"{gpb.MergeMethod.Name(v)} ({v})" for v in sorted(_MERGE_METHODS))
+        raise InvalidArgument(f"merge_method: {value} is not a known value (one of {names})", field="merge_method")
+    return method
 
 
 def _optional(message, name: str, default):
@@ -36,7 +46,7 @@ def request_from_proto(msg: gpb.GenerateRequest, deadline: float | None = None) 
         messages=messages_from_proto(msg.messages) if which == "messages" else None,
         adapter=msg.adapter,
         adapters=tuple(AdapterWeight(name=a.name, weight=a.weight) for a in msg.adapters),
-        merge_method=_MERGE_METHODS.get(msg.merge_method, MergeMethod.LINEAR),
+        merge_method=merge_method_from_proto(msg.merge_method),
         density=_optional(msg, "density", 0.5),
         merge_seed=msg.merge_seed,
         sampling=SamplingParams(
@@ -83,6 +93,7 @@ def adapter_info(status: AdapterStatus) -> apb.AdapterInfo:
     info = entry_info(status.entry, status.state)
     info.source = status.source
     info.request_count = status.request_count
+    info.warnings.extend(status.warnings)
     if status.last_used is not None:
         info.last_used.CopyFrom(_timestamp(status.last_used))
     return info

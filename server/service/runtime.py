@@ -16,6 +16,8 @@ class Runtime:
     """The Engine, None until the model has loaded (calls meanwhile get UNAVAILABLE)."""
     registry: object | None = None
     """The AdapterRegistry, set together with `engine`."""
+    workers: object | None = None
+    """The WorkerPool that validates and tokenizes requests off the event loop."""
     draining: bool = False
 
     def require_engine(self):

@@ -44,12 +44,25 @@ def add_serve_parser(sub) -> None:
     add("--tls-ca", metavar="PEM", help="CA that client certificates must chain to (mTLS)")
     add("--grace-seconds", type=float, default=30.0, help="on SIGTERM, time running requests get to finish")
     add("--max-upload-bytes", type=int, default=1 << 30, help="largest UploadAdapter")
+    add("--min-free-disk-bytes", type=int, default=256 << 20,
+        help="refuse registrations and uploads that would leave less free space on the state dir's disk")
+    add("--strict-base", action="store_true",
+        help="refuse adapters whose adapter_config.json names another base model (default: register them "
+             "with a warning in AdapterInfo.warnings)")
+    add("--max-message-bytes", type=int, default=16 << 20,
+        help="largest gRPC message received (text requests past their context are refused before parsing)")
+    add("--request-workers", type=int, default=2, help="threads that validate and tokenize requests")
+    add("--max-pending-requests", type=int, default=256,
+        help="requests waiting for a worker thread; beyond it RESOURCE_EXHAUSTED")
     add("--max-loras", type=int, default=8, help="adapter slots on the device (distinct adapters per step)")
     add("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     add("--max-cpu-loras", type=int, default=64, help="validated adapters kept in host memory")
     add("--max-adapters-per-request", type=int, default=8, help="most adapters in one weighted mix")
     add("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
     add("--max-num-batched-tokens", type=int, default=512, help="tokens per forward step")
+    add("--long-prefill-token-threshold", type=int,
+        help="most prompt tokens one sequence prefills per step while others decode (default: a quarter of "
+             "--max-num-batched-tokens)")
     add("--max-waiting", type=int, default=256, help="bounded queue; beyond it RESOURCE_EXHAUSTED")
     add("--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask")
     add("--default-max-new-tokens", type=int, default=128, help="when a request leaves max_new_tokens at 0")
@@ -66,7 +79,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
         admin_tokens=read_tokens(args.admin_token_file, "LORAPLEX_ADMIN_TOKEN"),
         generation_tokens=read_tokens(args.generation_token_file, "LORAPLEX_GENERATION_TOKEN"),
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, grace_seconds=args.grace_seconds,
-        max_upload_bytes=args.max_upload_bytes, max_adapter_labels=args.max_adapter_labels)
+        max_upload_bytes=args.max_upload_bytes, max_adapter_labels=args.max_adapter_labels,
+        min_free_disk_bytes=args.min_free_disk_bytes, strict_base=bool(args.strict_base),
+        request_workers=args.request_workers, max_pending_requests=args.max_pending_requests,
+        max_message_bytes=args.max_message_bytes)
     from ..cli import resolve_device
 
     device = resolve_device(args.device)
@@ -81,7 +97,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
         cache=CacheConfig(cpu_cache_bytes=args.kv_cache_bytes),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting, max_new_tokens_limit=args.max_new_tokens_limit,
-                                  default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit)),
+                                  default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit),
+                                  long_prefill_token_threshold=args.long_prefill_token_threshold),
         cache_dir=args.cache_dir)
     return service, engine
 

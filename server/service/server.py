@@ -20,19 +20,22 @@ from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generat
 
 from ..adapters.registry import AdapterRegistry
 from ..config import EngineConfig, ServiceConfig
+from ..engine.requests import max_request_bytes
 from ..errors import ConfigError
 from .admin import AdaptersServicer
-from .interceptors import ErrorInterceptor, TokenAuthInterceptor
+from .interceptors import DecodeInterceptor, ErrorInterceptor, Scrubber, TokenAuthInterceptor
 from .metrics import ServiceMetrics
 from .runtime import Runtime
 from .servicer import GenerationServicer
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 ADAPTERS_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
-MAX_MESSAGE_BYTES = 16 << 20
-"""Largest single gRPC message (uploads stream files in chunks well under this)."""
+_TEXT_METHODS = {f"/{GENERATION_SERVICE}/{name}" for name in ("Generate", "GenerateStream", "Tokenize")}
+SWEEP_SECONDS = 0.5
+"""How often the files of deleted or replaced adapter versions are looked at for removal."""
 
 
 def _read(path: str, what: str) -> bytes:
@@ -55,19 +58,23 @@ class LoraplexServer:
         self.config, self.engine_config, self.loaded = config, engine_config, loaded
         metrics = ServiceMetrics(lambda: self.runtime.engine, config.max_adapter_labels) \
             if config.metrics_port is not None else None
-        self.runtime = Runtime(config=config, metrics=metrics)
+        self.runtime = Runtime(config=config, metrics=metrics,
+                               workers=WorkerPool(config.request_workers, config.max_pending_requests))
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._flusher: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Listen (health NOT_SERVING until load() finishes)."""
         config = self.config
         server = grpc.aio.server(
-            interceptors=[TokenAuthInterceptor(config.admin_tokens, config.generation_tokens), ErrorInterceptor()],
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
+            interceptors=[TokenAuthInterceptor(config.admin_tokens, config.generation_tokens),
+                          ErrorInterceptor(_state_dir_scrubber(config.state_dir)),
+                          DecodeInterceptor(self._request_limit)],
+            options=[("grpc.max_receive_message_length", config.max_message_bytes), ("grpc.so_reuseport", 0)])
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.runtime), server)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.runtime), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -100,7 +107,8 @@ class LoraplexServer:
 
         engine = await asyncio.to_thread(Engine, self.engine_config, self.loaded)
         registry = AdapterRegistry(engine, self.config.state_dir, list(self.config.adapter_roots),
-                                   self.config.max_upload_bytes)
+                                   self.config.max_upload_bytes, min_free_disk_bytes=self.config.min_free_disk_bytes,
+                                   strict_base=self.config.strict_base)
         try:
             await asyncio.to_thread(registry.restore)
         except BaseException:
@@ -109,6 +117,7 @@ class LoraplexServer:
         engine.start()
         self.runtime.engine, self.runtime.registry = engine, registry
         self._flusher = asyncio.create_task(self._flush_stats())
+        self._sweeper = asyncio.create_task(self._sweep_retired())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s with %d adapters", engine.loaded.model_id, len(engine.catalog.list()))
 
@@ -118,16 +127,18 @@ class LoraplexServer:
         self.runtime.draining = True  # new calls: UNAVAILABLE from here on
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         engine, registry = self.runtime.engine, self.runtime.registry
+        for task in (self._flusher, self._sweeper):
+            if task is not None:
+                task.cancel()
         if engine is not None:
             await asyncio.to_thread(engine.stop, grace)  # running requests finish, or are cancelled at `grace`
-        if self._flusher is not None:
-            self._flusher.cancel()
         if self._server is not None:
             await self._server.stop(1.0)  # handlers send their last messages
         if registry is not None:
             await asyncio.to_thread(registry.save)
         if self.runtime.metrics is not None:
             self.runtime.metrics.close()
+        self.runtime.workers.close()
         log.info("stopped")
 
     async def _set_health(self, status) -> None:
@@ -141,6 +152,33 @@ class LoraplexServer:
                 await asyncio.to_thread(self.runtime.registry.flush_stats)
             except OSError as exc:
                 log.warning("could not write adapter stats: %s", exc)
+
+
+    def _request_limit(self, method: str) -> int | None:
+        """Generate / GenerateStream / Tokenize messages larger than any valid request are refused unparsed."""
+        engine = self.runtime.engine
+        if engine is None or method not in _TEXT_METHODS:
+            return None
+        return max_request_bytes(engine.limits)
+
+    async def _sweep_retired(self) -> None:
+        """Remove deleted / replaced adapter versions' files once the last request using them ends."""
+        registry = self.runtime.registry
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            if registry.has_retired:
+                try:
+                    await asyncio.to_thread(registry.sweep_retired)
+                except Exception:  # the engine stopping meanwhile, a busy disk: try again next round
+                    log.exception("sweeping retired adapter versions failed")
+
+
+def _state_dir_scrubber(state_dir: str) -> Scrubber:
+    """Client-bound messages show `<state dir>` where the server's state dir would appear."""
+    given = str(state_dir)
+    hidden = {given: "<state dir>", str(Path(given).absolute()): "<state dir>",
+              str(Path(given).resolve()): "<state dir>"}
+    return Scrubber(hidden)
 
 
 async def serve(config: ServiceConfig, engine_config: EngineConfig, on_ready=None) -> None:

@@ -1,9 +1,14 @@
 """The Generation service: validate and convert, submit to the engine thread, stream its chunks back.
 
-The engine calls a request's listener on its own thread; the listener hands each chunk to this
-RPC's event loop (call_soon_threadsafe). When the client cancels or its deadline passes, the RPC
-task is cancelled and the request's handle with it; the engine also knows the deadline, so either
-way generation stops at its next step and its KV blocks are freed.
+Sizes are checked on the event loop first (bytes only, no tokenizing: an oversized prompt is refused
+at once); validation, the chat template and tokenizing then run on the bounded worker pool
+(service/workers.py), never on the event loop. The engine calls a request's listener on its own
+thread; the listener hands each chunk to this RPC's event loop (call_soon_threadsafe). When the
+client cancels or its deadline passes, the RPC task is cancelled and the request's handle with it;
+the engine also knows the deadline, so either way generation stops at its next step and its KV
+blocks are freed. A request the server cuts because its shutdown grace period ended gets
+UNAVAILABLE (retryable, "the server is shutting down"), never CANCELLED, which a client could take
+for its own cancel.
 """
 from __future__ import annotations
 
@@ -16,8 +21,8 @@ import time
 from loraplex.v1 import generation_pb2 as gpb
 from loraplex.v1 import generation_pb2_grpc
 
-from ..engine.requests import tokenize_request
-from ..errors import FailedPrecondition, InvalidArgument, LoraplexError
+from ..engine.requests import check_sizes, over_bytes, tokenize_request
+from ..errors import Cancelled, FailedPrecondition, InvalidArgument, LoraplexError, Unavailable
 from ..types import GenerationChunk, GenerationRequest
 from . import convert
 from .metrics import OTHER_LABEL
@@ -53,6 +58,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         handle = None
         try:
             request = convert.request_from_proto(message, started + remaining if remaining is not None else None)
+            check_sizes(request, engine.limits)
             label = self._label(request, registered=False)
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[GenerationChunk] = asyncio.Queue()
@@ -63,7 +69,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 except RuntimeError:  # the event loop is gone: the server stopped
                     pass
 
-            handle = engine.submit(request, listener=listener)
+            handle = await self.runtime.workers.run(engine.submit, request, listener,
+                                                    on_orphan=lambda orphan: orphan.cancel())
             label = self._label(request)  # the name is known now: it may take one of the capped labels
             self.runtime.registry.record_use([request.adapter] if request.adapter else
                                              [a.name for a in request.adapters])
@@ -74,6 +81,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     first = first or last
                 generated = chunk.generated_tokens
                 if chunk.finished and chunk.error is not None:
+                    if isinstance(chunk.error, Cancelled) and self.runtime.draining:
+                        chunk.error = _cut_by_shutdown(chunk)
                     code = getattr(chunk.error, "code", "INTERNAL")
                 yield chunk
                 if chunk.finished:
@@ -115,11 +124,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             if not generation.messages:
                 raise InvalidArgument("messages: the input is empty", field="messages")
         else:
+            bound = engine.limits.max_prompt_bytes
+            if bound is not None and over_bytes(request.text, bound):
+                raise InvalidArgument(f"text: more than {bound} bytes, more than any prompt this server can take "
+                                      f"(its context holds {engine.limits.max_model_len} tokens)", field="text")
             generation = GenerationRequest(prompt=request.text)
+        check_sizes(generation, engine.limits)  # the same byte bound as Generate, so the same cost at most
         unlimited = dataclasses.replace(engine.limits, max_model_len=1 << 62)  # tokenizing is not generating
-        ids = tokenize_request(generation, engine.tokenizer, unlimited)
-        tokens = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_tokens else []
-        return gpb.TokenizeResponse(token_ids=ids, tokens=tokens)
+        return await self.runtime.workers.run(_tokenize, engine.tokenizer, generation, unlimited,
+                                              request.return_tokens)
 
     async def ModelInfo(self, request, context):
         engine = self.runtime.require_engine()
@@ -131,6 +144,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             max_new_tokens_limit=engine.limits.max_new_tokens_limit,
             max_adapters_per_request=lora.max_adapters_per_request, host_adapter_slots=lora.max_cpu_loras,
             server_version=_version())
+
+
+def _tokenize(tokenizer, generation: GenerationRequest, limits, return_tokens: bool) -> gpb.TokenizeResponse:
+    """Worker thread: the ids (and token strings) of a Tokenize request."""
+    ids = tokenize_request(generation, tokenizer, limits)
+    tokens = tokenizer.convert_ids_to_tokens(ids) if return_tokens else []
+    return gpb.TokenizeResponse(token_ids=ids, tokens=tokens)
+
+
+def _cut_by_shutdown(chunk: GenerationChunk) -> Unavailable:
+    return Unavailable(f"the server is shutting down: request {chunk.request_id} was stopped after "
+                       f"{chunk.generated_tokens} generated tokens when its grace period ended; retry it")
 
 
 def _version() -> str:

@@ -218,11 +218,15 @@ def test_health_loading_serving_and_draining(smol_fp32, tmp_path):
             server.stop()
 
 
-def test_drain_past_grace_cancels(smol_fp32, tmp_path):
+def test_drain_past_grace_ends_streams_unavailable(smol_fp32, tmp_path):
+    """Issue 12 #8: a stream cut by the grace period ends UNAVAILABLE (retryable) with a message saying the
+    server is shutting down, never CANCELLED, which a client could take for its own cancel; its last
+    message still says how far it got."""
     server = ServerThread(ServiceConfig(port=0, metrics_port=None, state_dir=str(tmp_path / "state")),
                           engine_config_for_tests(tmp_path / "cache"), smol_fp32)
     with Client(ClientConfig(target=server.target, timeout=30)) as client:
         stream = client.generation.GenerateStream(request(tokens=64))
+        unary = client.generation.Generate.future(request(tokens=64))
         next(stream)
         engine = server.engine
         server.stop(grace=0.2)
@@ -230,6 +234,10 @@ def test_drain_past_grace_cancels(smol_fp32, tmp_path):
         with pytest.raises(grpc.RpcError) as info:
             for message in stream:
                 received.append(message)
-        assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "shutting down" in info.value.details() and "retry" in info.value.details()
         assert received[-1].stop_reason == gpb.CANCELLED and received[-1].generated_tokens < 64
+        with pytest.raises(grpc.RpcError) as info:
+            unary.result()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
         assert engine.block_manager.num_free_blocks == engine.block_manager.capacity
