@@ -195,11 +195,11 @@ def phase_check() -> None:
     item("ops determinism + CUDA-graph replay == eager (M 1..200)", determinism_and_graphs)
 
 
-def phase_tune(out: Path, budget_s: float) -> dict | None:
+def phase_tune(out: Path, budget_s: float, shapes: list, buckets: tuple[int, ...]) -> dict | None:
     from loraplex.server.nf4 import tuning
 
     try:
-        result = tuning.tune(TUNE_SHAPES, TUNE_BUCKETS, out_path=out / tuning.config_path(
+        result = tuning.tune(shapes, buckets, out_path=out / tuning.config_path(
             torch.cuda.get_device_name()).name, deadline=time.time() + budget_s, log=log)
     except Exception as exc:  # noqa: BLE001
         FAILURES.append("tune")
@@ -251,6 +251,10 @@ def main() -> int:
     parser.add_argument("--phases", default="check,tune,bench")
     parser.add_argument("--tune-budget-s", type=float, default=100.0, help="tuning stops starting new entries after")
     parser.add_argument("--ms", default="1,2,4,8,16,32,64,128")
+    parser.add_argument("--tune-buckets", default=",".join(map(str, TUNE_BUCKETS)),
+                        help="M buckets to re-time; the others keep the committed file's entries")
+    parser.add_argument("--tune-shapes", default=None,
+                        help="indices into TUNE_SHAPES to re-time (comma-separated; default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,7 +266,9 @@ def main() -> int:
     if "check" in phases:
         phase_check()
     if "tune" in phases:
-        phase_tune(out, args.tune_budget_s)
+        shapes = (TUNE_SHAPES if args.tune_shapes is None
+                  else [TUNE_SHAPES[int(i)] for i in args.tune_shapes.split(",")])
+        phase_tune(out, args.tune_budget_s, shapes, tuple(int(b) for b in args.tune_buckets.split(",")))
     if "bench" in phases:
         try:
             phase_bench(out, tuple(int(m) for m in args.ms.split(",")))

@@ -159,7 +159,9 @@ def _codes(words, lut, NBB: gl.constexpr, BN: gl.constexpr, CT: gl.constexpr, LD
         p0, p1, p2, p3 = gl.inline_asm_elementwise(LOOKUP_SHFL, "=r,=r,=r,=r,r,r", [words, lut],
                                                    dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
                                                    pack=1)
-    pairs = gl.reshape(gl.join(gl.join(p0, p1), gl.join(p2, p3)), [NBB, BN, 32])  # pair of byte 4 * word + i
+    # join(a, b) adds a minor axis: [w, i, j] = (p0, p2 | p1, p3)[j][i] = p(2i + j), so flat index 4w + 2i + j
+    # holds byte 2i + j of word w (joining (p0, p1), (p2, p3) swapped bytes 1 and 2: the H200's one-hot test)
+    pairs = gl.reshape(gl.join(gl.join(p0, p2), gl.join(p1, p3)), [NBB, BN, 32])  # pair of byte 4 * word + i
     lo = (pairs & 0xFFFF).to(gl.uint16).to(CT, bitcast=True)
     hi = (pairs >> 16).to(gl.uint16).to(CT, bitcast=True)
     w = gl.reshape(gl.join(lo, hi), [NBB, BN, 64])  # physical order: element 2 * byte + (0: high nibble, 1: low)

@@ -179,7 +179,7 @@ def tune(shapes: Sequence[tuple[str, int, int]], buckets: Sequence[int], dtype: 
     num_sms = props.multi_processor_count
     elem_bytes = torch.empty((), dtype=dtype).element_size()
     result = {"device": props.name, "triton": triton.__version__, "torch": torch.__version__,
-              "dtype": str(dtype).removeprefix("torch."), "configs": {}}
+              "dtype": str(dtype).removeprefix("torch."), "configs": _previous_configs(props.name, dtype)}
     timings: dict[tuple, list[tuple[float, KernelConfig]]] = {}
     gen = torch.Generator(device=device).manual_seed(0)
     for op, n_rows, k in shapes:
@@ -239,6 +239,16 @@ def tune(shapes: Sequence[tuple[str, int, int]], buckets: Sequence[int], dtype: 
     log(f"wrote {path}")
     clear_cache()
     return result
+
+
+def _previous_configs(device_name: str, dtype: torch.dtype) -> dict:
+    """The committed file's entries for this GPU and dtype: a partial re-tune (buckets left out, a deadline)
+    replaces only what it timed, so entries it did not reach keep their tuned value, not the heuristic's."""
+    path = config_path(device_name)
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("configs", {}) if data.get("dtype") == str(dtype).removeprefix("torch.") else {}
 
 
 def _short(cfg: KernelConfig) -> str:
