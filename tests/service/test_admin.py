@@ -146,7 +146,8 @@ def test_refused_sources_leave_nothing_behind(client, escapes, paths, name, sour
     before, files = names(client), sorted(p.name for p in (paths["state"] / "adapters").iterdir())
     error = rpc_error(lambda: register(client, name, source))
     assert error.code().name == code and words in error.details()
-    assert names(client) == before and sorted(p.name for p in (paths["state"] / "adapters").iterdir()) == files
+    # nothing added; folders may only go (a deleted adapter's files are swept once unused, at any moment)
+    assert names(client) == before and {p.name for p in (paths["state"] / "adapters").iterdir()} <= set(files)
     assert not list((paths["state"] / "tmp").iterdir())
     assert client.generation.Generate(request("caps", tokens=1)).generated_tokens == 1  # still serving
 
