@@ -2,10 +2,12 @@
 kernel table of the same step run eagerly.
 
     python benchmarks/profile_decode.py --batch 32 --modes base,shared,distinct [--profile]
+    python benchmarks/profile_decode.py --ttft --modes base,shared     # one 128-token prefill: host vs GPU time
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -27,7 +29,10 @@ def main() -> None:
     parser.add_argument("--modes", default="base,shared,distinct")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="also print a kernel table of eager steps")
+    parser.add_argument("--ttft", action="store_true", help="profile one request's prefill step instead")
     args = parser.parse_args()
+    if args.ttft:
+        return profile_prefill(args)
     cfg = ServeBenchConfig(model=args.model, batches=(args.batch,), num_adapters=args.batch, new_tokens=256,
                            prompt_len=args.prompt_len)
     engine = build_engine(cfg)
@@ -64,6 +69,34 @@ def main() -> None:
             engine.runner.graphs = graphs
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
         _drain(engine, handles)
+    engine.stop()
+
+
+def profile_prefill(args) -> None:
+    """One request's first step (what TTFT waits for): wall time, the GPU's busy time, the top host and device
+    ops. A wall time far above the GPU's time means the step is host-bound (launches, Python, syncs)."""
+    cfg = ServeBenchConfig(model=args.model, batches=(1,), num_adapters=2, new_tokens=4, prompt_len=args.prompt_len)
+    engine = build_engine(cfg)
+    for mode in args.modes.split(","):
+        for attempt in range(3):  # the first two warm the caches and compile; the third is profiled
+            request = _requests(cfg, engine.arch.vocab_size, 1, mode, 4, seed=attempt, prompt_len=args.prompt_len)[0]
+            torch.cuda.synchronize()
+            handle = engine.submit(request)
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            profiler = (torch.profiler.profile(activities=activities) if attempt == 2
+                        else contextlib.nullcontext())  # (torch 2.11's profile() takes no `enabled`)
+            with profiler as prof:
+                started = time.perf_counter()
+                engine.step()
+                torch.cuda.synchronize()
+                wall_ms = (time.perf_counter() - started) * 1000
+            _drain(engine, [handle])
+        events = prof.key_averages()
+        gpu_ms = sum(e.self_device_time_total for e in events) / 1000
+        print(f"== prefill {mode} prompt {args.prompt_len}: step {wall_ms:.1f} ms, GPU busy {gpu_ms:.1f} ms, "
+              f"{sum(e.count for e in events if e.self_device_time_total > 0)} kernels", flush=True)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+        print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50))
     engine.stop()
 
 
