@@ -1,0 +1,164 @@
+"""The shipped observability files against the real thing: Debian's Prometheus (installed here when missing)
+scrapes a real server under a short mixed load, and every query of deploy/grafana/loraplex.json returns data;
+`promtool check config` accepts deploy/prometheus/prometheus.yml."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from loraplex.server.config import ServiceConfig
+from loraplex.server.service.client import Client, ClientConfig, chat_request
+from loraplex.v1 import adapters_pb2 as apb
+from loraplex.v1 import generation_pb2 as gpb
+
+from .conftest import ServerThread, engine_config_for_tests, free_port, wait_for
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "loraplex.json"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+NAMES = ("caps", "pirate", "caps_soft", "pirate_soft")
+RATE_INTERVAL = "30s"
+"""What Grafana's $__rate_interval comes to at a 1 s scrape interval and a short time range, with room."""
+
+
+def _debian_binary(name: str) -> str:
+    """Path of `name` from Debian's prometheus package, installed (quietly, once) when missing."""
+    found = shutil.which(name)
+    if found:
+        return found
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        done = subprocess.run(install, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"installing Debian's prometheus failed: {done.stderr[-2000:]}"
+    found = shutil.which(name)
+    assert found, f"{name} not on PATH after installing Debian's prometheus"
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(smol_fp32, adapter_root, tmp_path_factory):
+    """Two device slots and two host copies for four adapters: the round-robin load below hits, misses (loads
+    from disk) and evicts."""
+    base = tmp_path_factory.mktemp("observability")
+    engine_config = engine_config_for_tests(base / "cache")
+    engine_config = dataclasses.replace(engine_config, lora=dataclasses.replace(engine_config.lora, max_loras=2,
+                                                                                    max_cpu_loras=2,
+                                                                                    max_adapters_per_request=2))
+    service = ServiceConfig(port=0, metrics_port=0, state_dir=str(base / "state"), adapter_roots=(str(adapter_root),))
+    running = ServerThread(service, engine_config, smol_fp32)
+    with Client(ClientConfig(target=running.target)) as client:
+        for name in NAMES:
+            client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name=name, source=name))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    """Debian's Prometheus on 127.0.0.1 with the shipped config, its target the test server, 1 s scrapes."""
+    binary = _debian_binary("prometheus")
+    work = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{server.server.metrics_port}"]
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = open(work / "prometheus.log", "wb")
+    process = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200
+        except OSError:
+            return process.poll() is not None  # exited: fail below with its log
+    try:
+        assert wait_for(ready, 60, 0.2) and process.poll() is None, (work / "prometheus.log").read_text()[-3000:]
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+        log.close()
+
+
+def query(url: str, expr: str) -> list[dict]:
+    params = urllib.parse.urlencode({"query": expr})
+    reply = json.loads(urllib.request.urlopen(f"{url}/api/v1/query?{params}", timeout=10).read())
+    assert reply["status"] == "success", (expr, reply)
+    return reply["data"]["result"]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"]) for p in panels for t in p["targets"]]
+
+
+def _load(target: str, seconds: float) -> int:
+    """Three clients for `seconds`: every adapter, the base model, a mix, and a NOT_FOUND now and then."""
+    stop_at = time.monotonic() + seconds
+    errors: list[BaseException] = []
+    sent = [0]
+
+    def client_loop(offset: int) -> None:
+        with Client(ClientConfig(target=target, timeout=60)) as client:
+            i = offset
+            while time.monotonic() < stop_at:
+                kind = i % 7
+                fields = ({"adapter": NAMES[kind]} if kind < 4 else {"adapter": "no-such-adapter"} if kind == 4
+                          else {"adapters": [gpb.AdapterWeight(name="caps", weight=0.5)]} if kind == 5 else {})
+                stopping = gpb.StoppingCriteria(max_new_tokens=6, ignore_eos=True)
+                try:
+                    client.generation.Generate(chat_request("Name a color.", stopping=stopping, **fields))
+                except grpc.RpcError as exc:
+                    if kind != 4 or exc.code() != grpc.StatusCode.NOT_FOUND:
+                        errors.append(exc)
+                sent[0] += 1
+                i += 3
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    return sent[0]
+
+
+def test_promtool_accepts_the_shipped_config():
+    promtool = _debian_binary("promtool")
+    done = subprocess.run([promtool, "check", "config", str(PROMETHEUS_YML)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_dashboard_query_returns_data_from_a_live_server(server, prometheus):
+    assert _load(server.target, 6.0) >= 10
+    assert wait_for(lambda: query(prometheus, 'up{job="loraplex"} == 1'), 10)
+    time.sleep(2.5)  # two more scrapes after the last request
+    empty = []
+    for title, expr in dashboard_queries():
+        result = query(prometheus, expr.replace("$__rate_interval", RATE_INTERVAL))
+        values = [float(r["value"][1]) for r in result]
+        if not any(math.isfinite(v) for v in values):
+            empty.append((title, expr, values))
+    assert not empty, empty
+    per_adapter = query(prometheus, f"sum by (adapter) (rate(loraplex_generated_tokens_total[{RATE_INTERVAL}]))")
+    assert {r["metric"]["adapter"] for r in per_adapter} >= {"base", "mix", *NAMES}
+    evictions = query(prometheus, "loraplex_adapter_cache_evictions_total")
+    assert float(evictions[0]["value"][1]) > 0  # four adapters over two slots
