@@ -73,6 +73,16 @@ class ServerThread:
             self.thread.join(10)
 
 
+def register_examples(target: str, names) -> None:
+    """Register adapters of the session's adapter root under their own names (source = name)."""
+    from loraplex.server.service.client import Client, ClientConfig
+    from loraplex.v1 import adapters_pb2 as apb
+
+    with Client(ClientConfig(target=target)) as client:
+        for name in names:
+            client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name=name, source=name))
+
+
 def scrape(port: int) -> dict[str, float]:
     """Prometheus text -> {'name{labels}': value}."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

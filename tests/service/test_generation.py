@@ -12,10 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex.server.config import ServiceConfig
 from loraplex.server.service.client import Client, ClientConfig, chat_request
 from loraplex.server.service.metrics import AdapterLabels
-from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 
-from .conftest import PROMPTS, ServerThread, engine_config_for_tests, wait_for
+from .conftest import PROMPTS, ServerThread, engine_config_for_tests, register_examples, wait_for
 
 NAMES = ("caps", "pirate", "caps_soft", "pirate_soft")
 
@@ -30,9 +29,7 @@ def server(smol_fp32, adapter_root, tmp_path_factory):
     service = ServiceConfig(port=0, metrics_port=0, state_dir=str(base / "state"), adapter_roots=(str(adapter_root),),
                             max_adapter_labels=3)
     running = ServerThread(service, engine_config_for_tests(base / "cache"), smol_fp32)
-    with Client(ClientConfig(target=running.target)) as client:
-        for name in NAMES:
-            client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name=name, source=name))
+    register_examples(running.target, NAMES)
     yield running
     running.stop()
 

@@ -21,10 +21,9 @@ import yaml
 
 from loraplex.server.config import ServiceConfig
 from loraplex.server.service.client import Client, ClientConfig, chat_request
-from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 
-from .conftest import ServerThread, engine_config_for_tests, free_port, wait_for
+from .conftest import ServerThread, engine_config_for_tests, free_port, register_examples, wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "loraplex.json"
@@ -61,9 +60,7 @@ def server(smol_fp32, adapter_root, tmp_path_factory):
                                                                                     max_adapters_per_request=2))
     service = ServiceConfig(port=0, metrics_port=0, state_dir=str(base / "state"), adapter_roots=(str(adapter_root),))
     running = ServerThread(service, engine_config, smol_fp32)
-    with Client(ClientConfig(target=running.target)) as client:
-        for name in NAMES:
-            client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name=name, source=name))
+    register_examples(running.target, NAMES)
     yield running
     running.stop()
 
