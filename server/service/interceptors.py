@@ -13,12 +13,12 @@ INVALID_ARGUMENT naming the field (service/wire.py), for every service, health a
 """
 from __future__ import annotations
 
-import hmac
 import logging
 
 import grpc
 
 from ..errors import LoraplexError
+from .auth import check_bearer
 from .wire import diagnose, largest_field
 
 log = logging.getLogger(__name__)
@@ -203,23 +203,20 @@ class _Refusal(Exception):
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer <token>`: UNAUTHENTICATED when missing, PERMISSION_DENIED when wrong."""
+    """`authorization: Bearer <token>`: UNAUTHENTICATED when missing, PERMISSION_DENIED when wrong (service/auth.py)."""
 
     def __init__(self, admin_tokens: tuple[str, ...], generation_tokens: tuple[str, ...]):
-        self.required = {ADMIN_PREFIX: [t.encode() for t in admin_tokens],
-                         GENERATION_PREFIX: [t.encode() for t in generation_tokens]}
+        self.required = {ADMIN_PREFIX: admin_tokens, GENERATION_PREFIX: generation_tokens}
 
     async def intercept_service(self, continuation, details):
         tokens = next((t for prefix, t in self.required.items() if details.method.startswith(prefix)), None)
-        if not tokens:
+        authorization = next((value for key, value in details.invocation_metadata or ()
+                              if key.lower() == "authorization"), None)
+        try:
+            check_bearer(authorization, tokens or (), "'Bearer <token>' metadata")
             return await continuation(details)
-        presented = _bearer(details.invocation_metadata)
-        if presented is None:
-            code, message = grpc.StatusCode.UNAUTHENTICATED, "authorization: this call needs 'Bearer <token>' metadata"
-        elif not _matches(presented.encode(), tokens):
-            code, message = grpc.StatusCode.PERMISSION_DENIED, "authorization: the bearer token is not accepted here"
-        else:
-            return await continuation(details)
+        except LoraplexError as exc:
+            code, message = status_code(exc), str(exc)
         handler = await continuation(details)
         if handler is None:
             return None
@@ -236,21 +233,3 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return refuse
 
         return _replace_behavior(handler, wrap)
-
-
-def _bearer(metadata) -> str | None:
-    """The bearer token presented, or None when there is none (no header, another scheme, empty)."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization":
-            value = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = value.strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return None
-
-
-def _matches(presented: bytes, tokens: list[bytes]) -> bool:
-    """Constant-time against every accepted token (no early exit, so timing shows nothing)."""
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(presented, token)
-    return matched
