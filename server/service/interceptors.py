@@ -63,9 +63,17 @@ class Scrubber:
         return message
 
 
+FIELD_METADATA = "loraplex-field"
+"""Trailing metadata naming the request field an error is about (loraplex.client reads it)."""
+
+
+def field_metadata(exc: LoraplexError) -> tuple[tuple[str, str], ...]:
+    return ((FIELD_METADATA, exc.field),) if exc.field else ()
+
+
 async def _abort_for(exc: Exception, context, method: str, scrub: Scrubber):
     if isinstance(exc, LoraplexError):
-        await context.abort(status_code(exc), scrub(str(exc)))
+        await context.abort(status_code(exc), scrub(str(exc)), field_metadata(exc))
     log.error("%s failed with an unexpected error", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, scrub(f"internal error: {type(exc).__name__}: {exc}"))
 
@@ -216,7 +224,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             check_bearer(authorization, tokens or (), "'Bearer <token>' metadata")
             return await continuation(details)
         except LoraplexError as exc:
-            code, message = status_code(exc), str(exc)
+            code, message, trailing = status_code(exc), str(exc), field_metadata(exc)
         handler = await continuation(details)
         if handler is None:
             return None
@@ -224,12 +232,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         def wrap(behavior, streaming):
             if streaming:
                 async def refuse_stream(request, context):
-                    await context.abort(code, message)
+                    await context.abort(code, message, trailing)
                     yield  # never reached: makes this an async generator like the handler it replaces
                 return refuse_stream
 
             async def refuse(request, context):
-                await context.abort(code, message)
+                await context.abort(code, message, trailing)
             return refuse
 
         return _replace_behavior(handler, wrap)

@@ -151,3 +151,12 @@ def adapter_root(tmp_path_factory) -> Path:
     for how in BROKEN:
         broken_copy(EXAMPLES / "caps", root / "broken" / how, how)
     return root
+
+
+def chat_request(text: str, **kwargs):
+    """A raw GenerateRequest whose input is one user message (for tests that send protobuf as it is)."""
+    from loraplex.v1 import generation_pb2
+
+    return generation_pb2.GenerateRequest(
+        messages=generation_pb2.ChatMessages(messages=[generation_pb2.ChatMessage(role="user", content=text)]),
+        **kwargs)

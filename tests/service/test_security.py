@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.server.config import ServiceConfig
-from loraplex.server.service.client import Client, ClientConfig
+from loraplex.client import Client, ClientConfig
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 
@@ -55,12 +55,12 @@ def test_tokens_guard_each_service_separately(token_server, token, admin, genera
     with Client(ClientConfig(target=token_server.target, token=token or None, timeout=30)) as client:
         if token == "":
             client.metadata = (("authorization", "Bearer "),)
-        assert status_of(lambda: client.call(client.adapters.ListAdapters, apb.ListAdaptersRequest())) == admin
-        upload = status_of(lambda: client.call(client.adapters.UploadAdapter, iter([apb.UploadAdapterRequest(
+        assert status_of(lambda: client.call(client.stubs.adapters.ListAdapters, apb.ListAdaptersRequest())) == admin
+        upload = status_of(lambda: client.call(client.stubs.adapters.UploadAdapter, iter([apb.UploadAdapterRequest(
             name="x", file_name="adapter_config.json", data=b"{}")])))
         assert upload == (grpc.StatusCode.INVALID_ARGUMENT if admin == grpc.StatusCode.OK else admin)  # past auth
-        assert status_of(lambda: client.call(client.generation.ModelInfo, gpb.ModelInfoRequest())) == generation
-        stream = lambda: list(client.call(client.generation.GenerateStream, gpb.GenerateRequest(  # noqa: E731
+        assert status_of(lambda: client.call(client.stubs.generation.ModelInfo, gpb.ModelInfoRequest())) == generation
+        stream = lambda: list(client.call(client.stubs.generation.GenerateStream, gpb.GenerateRequest(  # noqa: E731
             prompt="Hi", stopping=gpb.StoppingCriteria(max_new_tokens=1))))
         assert status_of(stream) == generation
 
@@ -117,7 +117,7 @@ def pki(tmp_path_factory):
 
 def _model_info(config: ClientConfig) -> grpc.StatusCode:
     with Client(config) as client:
-        return status_of(lambda: client.call(client.generation.ModelInfo, gpb.ModelInfoRequest()))
+        return status_of(lambda: client.call(client.stubs.generation.ModelInfo, gpb.ModelInfoRequest()))
 
 
 @pytest.mark.parametrize("mtls", [False, True], ids=["tls", "mtls"])
