@@ -61,7 +61,13 @@ def chunk(response: gpb.GenerateResponse) -> GenerationChunk:
                   for lp in response.logprobs],
         input_tokens=response.input_tokens, generated_tokens=response.generated_tokens,
         stop_reason=StopReason(response.stop_reason), seed=response.seed,
-        adapter_versions=dict(response.adapter_versions))
+        adapter_versions=_versions(response))
+
+
+def _versions(response: gpb.GenerateResponse) -> dict[str, int]:
+    """{name: version} in the request's order (`adapter_version` keeps it, the proto map does not)."""
+    ordered = [item.rpartition("@") for item in response.adapter_version.split(",") if item]
+    return {name: int(version) for name, _, version in ordered} or dict(response.adapter_versions)
 
 
 def result(response: gpb.GenerateResponse) -> GenerationResult:

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from loraplex.client import Client, ClientConfig
 from loraplex.server.adapters.registry import AdapterRegistry
 from loraplex.server.config import ServiceConfig
 from loraplex.server.errors import FailedPrecondition
-from loraplex.client import Client, ClientConfig
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from loraplex.server.config import ServiceConfig
 from loraplex.client import Client, ClientConfig
+from loraplex.server.config import ServiceConfig
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 

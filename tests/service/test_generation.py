@@ -9,8 +9,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.server.config import ServiceConfig
 from loraplex.client import Client, ClientConfig
+from loraplex.server.config import ServiceConfig
 from loraplex.server.service.metrics import AdapterLabels
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb

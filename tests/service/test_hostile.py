@@ -24,9 +24,9 @@ import torch
 from grpc_health.v1 import health_pb2
 from safetensors.torch import save_file
 
+from loraplex.client import Client, ClientConfig, LoraplexClientError
 from loraplex.server.config import ServiceConfig
 from loraplex.server.errors import ResourceExhausted
-from loraplex.client import Client, ClientConfig, LoraplexClientError
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 

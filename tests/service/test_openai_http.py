@@ -4,7 +4,13 @@ request and seed, streaming included, and every error row of API.md with its HTT
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -12,11 +18,12 @@ import grpc
 import openai
 import pytest
 
+from loraplex.client import Client
 from loraplex.server.config import ServiceConfig
 from loraplex.v1 import generation_pb2 as gpb
 from loraplex.v1 import generation_pb2_grpc
 
-from .conftest import PROMPTS, ServerThread, engine_config_for_tests, wait_for
+from .conftest import EXAMPLES, PROMPTS, ServerThread, engine_config_for_tests, wait_for
 
 CHAT = [{"role": "user", "content": PROMPTS[0]}]
 STORY = "Once upon a time, in a small village by the sea,"
@@ -257,3 +264,31 @@ def test_draining_is_503_and_running_streams_finish(smol_fp32, tmp_path):
             r.choices[0].text for r in rest)) > 0
         stopper.join(30)
         assert not stopper.is_alive()
+
+
+def test_readme_curl_against_loraplex_serve(tmp_path):
+    """`loraplex serve --http-port` as a process, and the README's curl body (caps registered the README's way)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().split("## OpenAI-compatible HTTP", 1)[1]
+    body = json.loads(re.search(r"-d '(\{.*?\})'", readme).group(1))
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "loraplex.server.cli", "serve", "--port", "0", "--http-port", "0", "--no-metrics",
+               "--quantization", "none", "--state-dir", str(tmp_path / "state"), "--adapter-root", str(EXAMPLES),
+               "--max-model-len", "512", "--kv-cache-bytes", str(64 << 20)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stderr=out, stdout=out, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        ready = wait_for(lambda: re.search(r"serving on 127.0.0.1:(\d+), OpenAI-compatible HTTP on "
+                                           r"http://127.0.0.1:(\d+)/v1", log.read_text()), 240, 0.2)
+        assert ready, log.read_text()
+        grpc_port, http_port = ready.groups()
+        with Client(f"127.0.0.1:{grpc_port}") as client:
+            client.register_adapter("caps", str(EXAMPLES / "caps"))
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/chat/completions",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            answer = json.loads(reply.read())
+        assert answer["model"] == "caps" and answer["choices"][0]["message"]["content"].strip()
+        assert answer["system_fingerprint"] == "caps@1" and answer["usage"]["completion_tokens"] <= 32
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()
