@@ -22,6 +22,7 @@ from ..service.auth import check_bearer
 from ..service.generations import Generations, RequestFactory
 from ..service.runtime import Runtime
 from .errors import error_body, error_response, from_loraplex
+from .limits import BodyLimit
 from .requests import BASE_MODEL, ModelNames, chat_request, completion_request
 from .responses import Rendering, sse
 from .schemas import ChatCompletionBody, CompletionBody
@@ -44,12 +45,12 @@ class OpenAIRoutes:
         return engine, ModelNames(engine.loaded.model_id, engine.catalog)
 
     async def list_models(self) -> dict:
-        engine, names = self._names()
+        _, names = self._names()
         base = [self._base_card(BASE_MODEL, names), self._base_card(names.base_id, names)]
         return {"object": "list", "data": base + [self._adapter_card(e, names) for e in names.catalog.list()]}
 
     async def get_model(self, model: str) -> dict:
-        engine, names = self._names()
+        _, names = self._names()
         adapter = names.adapter_for(model, mixed=False)
         return self._adapter_card(names.catalog.get(adapter), names) if adapter else self._base_card(model, names)
 
@@ -132,6 +133,7 @@ def build_app(runtime: Runtime, generations: Generations) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(BodyLimit, max_bytes=runtime.config.max_message_bytes)
     return app
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from loraplex.client import (AdapterInfo, AsyncClient, Client, ClientConfig, DeadlineExceeded, GenerationResult,
+from loraplex.client import (AdapterInfo, AsyncClient, Client, DeadlineExceeded, GenerationResult,
                              InvalidArgument, ModelInfo, NotFound, PermissionDenied, RetryPolicy, StopReason,
                              Unauthenticated, Unavailable)
 from loraplex.server.config import ServiceConfig

@@ -3,6 +3,7 @@
 request and seed, streaming included, and every error row of API.md with its HTTP code and body."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -194,6 +195,14 @@ def test_raw_bodies_nan_weights_and_bad_json(server):
     assert status == 400 and nan["error"]["param"] == "adapters[0].weight", nan
     status, broken = raw(server, "/completions", "{")
     assert status == 400 and "JSON" in broken["error"]["message"]
+    huge = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=60)
+    huge.putrequest("POST", "/v1/completions")  # 17 MiB announced: refused before a byte of it is read
+    huge.putheader("Content-Length", str(17 << 20))
+    huge.putheader("Content-Type", "application/json")
+    huge.endheaders()
+    reply = huge.getresponse()
+    assert reply.status == 413 and "at most 16777216 bytes" in json.loads(reply.read())["error"]["message"]
+    huge.close()
     status, nowhere = raw(server, "/nowhere")
     assert status == 404 and nowhere["error"]["code"] == "not_found"
 
