@@ -4,10 +4,12 @@ Requests run through service/generations.py exactly as gRPC Generate does (same 
 pool, metrics). Every route takes the Generation service's bearer tokens. Errors, including FastAPI's
 own validation errors and unknown routes, answer with OpenAI's error body (errors.py). A stream's
 headers go out once its first chunk is there, so a refused request still gets its HTTP status; an
-error after that arrives as a last `data: {"error": ...}` event, as OpenAI's servers send it.
+error after that arrives as a last `data: {"error": ...}` event, as OpenAI's servers send it. A client
+that disconnects cancels its request, which stops at the engine's next step and frees its KV blocks.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -17,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import LoraplexError
+from ..errors import Cancelled, LoraplexError
 from ..service.auth import check_bearer
 from ..service.generations import Generations, RequestFactory
 from ..service.runtime import Runtime
@@ -65,30 +67,27 @@ class OpenAIRoutes:
                 "root": names.base_id, "parent": BASE_MODEL, "version": entry.version, "rank": entry.rank,
                 "alpha": entry.alpha}
 
-    async def completions(self, body: CompletionBody):
+    async def completions(self, body: CompletionBody, request: Request):
         engine, names = self._names()
         rendering = Rendering.of(False, body.model or BASE_MODEL, engine.tokenizer, body.logprobs is not None,
                                  body.logprobs or 0)
-        return await self._respond(lambda deadline: completion_request(body, names, deadline), rendering, body)
+        return await self._respond(lambda deadline: completion_request(body, names, deadline), rendering, body,
+                                   request)
 
-    async def chat_completions(self, body: ChatCompletionBody):
+    async def chat_completions(self, body: ChatCompletionBody, request: Request):
         engine, names = self._names()
         rendering = Rendering.of(True, body.model or BASE_MODEL, engine.tokenizer, body.logprobs,
                                  body.top_logprobs or 0)
-        return await self._respond(lambda deadline: chat_request(body, names, deadline), rendering, body)
+        return await self._respond(lambda deadline: chat_request(body, names, deadline), rendering, body, request)
 
-    async def _respond(self, make_request: RequestFactory, rendering: Rendering, body):
+    async def _respond(self, make_request: RequestFactory, rendering: Rendering, body, request: Request):
+        """Until the response starts, a client that goes away cancels its request (as a gRPC cancel does);
+        a stream is cancelled by Starlette when its client goes away."""
         stream = self.generations.run(make_request, None)
         if not body.stream:
-            chunks = []
-            async with contextlib.aclosing(stream):
-                async for chunk in stream:
-                    if chunk.error is not None:
-                        raise chunk.error
-                    chunks.append(chunk)
-            return JSONResponse(rendering.whole(chunks))
+            return JSONResponse(rendering.whole(await _unless_disconnected(request, _collect(stream))))
         try:
-            first = await anext(stream)
+            first = await _unless_disconnected(request, anext(stream))
             if first.error is not None:
                 raise first.error
         except BaseException:
@@ -119,6 +118,39 @@ class OpenAIRoutes:
         if usage:
             yield sse(rendering.usage_chunk(chunk))
         yield sse("[DONE]")
+
+
+async def _collect(stream) -> list:
+    chunks = []
+    async with contextlib.aclosing(stream):
+        async for chunk in stream:
+            if chunk.error is not None:
+                raise chunk.error
+            chunks.append(chunk)
+    return chunks
+
+
+async def _unless_disconnected(request: Request, work):
+    """`work`'s result; when the client disconnects first, `work` is cancelled (its engine request with it)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise Cancelled("the client went away")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def build_app(runtime: Runtime, generations: Generations) -> FastAPI:

@@ -149,6 +149,21 @@ def test_completion_logprobs_stop_and_token_prompt(oai, server):
     assert by_ids.choices[0].text == free.choices[0].text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_going_away_cancels_its_request(server, stream):
+    engine = server.engine
+    connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=60)
+    connection.request("POST", "/v1/completions", json.dumps(
+        {"model": "base", "prompt": STORY, "max_tokens": 64, "ignore_eos": True, "stream": stream}),
+        {"Content-Type": "application/json"})
+    assert wait_for(lambda: engine.running_batch_size() == 1, 10)
+    steps = engine.steps_total
+    connection.sock.shutdown(2)  # gone, as a client killed mid-request
+    connection.close()
+    assert wait_for(lambda: engine.running_batch_size() == 0 and engine.kv_usage() == 0, 10)
+    assert engine.steps_total - steps < 32  # far fewer than the 64 tokens asked for
+
+
 def error_of(call) -> tuple[int, dict]:
     with pytest.raises(openai.APIStatusError) as info:
         call()
@@ -276,7 +291,7 @@ def test_draining_is_503_and_running_streams_finish(smol_fp32, tmp_path):
 
 
 def test_readme_curl_against_loraplex_serve(tmp_path):
-    """`loraplex serve --http-port` as a process, and the README's curl body (caps registered the README's way)."""
+    """`loraplex serve --http-port` as a process, the README's curl body and its openai example."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().split("## OpenAI-compatible HTTP", 1)[1]
     body = json.loads(re.search(r"-d '(\{.*?\})'", readme).group(1))
     log = tmp_path / "serve.log"
@@ -298,6 +313,11 @@ def test_readme_curl_against_loraplex_serve(tmp_path):
             answer = json.loads(reply.read())
         assert answer["model"] == "caps" and answer["choices"][0]["message"]["content"].strip()
         assert answer["system_fingerprint"] == "caps@1" and answer["usage"]["completion_tokens"] <= 32
+        example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)  # the openai example, as written
+        script = tmp_path / "openai_example.py"
+        script.write_text(example.replace("127.0.0.1:8000", f"127.0.0.1:{http_port}"))
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, log.read_text()
