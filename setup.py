@@ -10,7 +10,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
-MAPPED = {"server": "loraplex.server", "training": "loraplex.training", "export": "loraplex.export"}
+MAPPED = {"client": "loraplex.client", "server": "loraplex.server", "training": "loraplex.training",
+          "export": "loraplex.export"}
 PROTO_ROOT = ROOT / "proto"
 PROTO_PACKAGE = "loraplex.v1"
 

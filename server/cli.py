@@ -97,16 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        import grpc
+        from loraplex.client import LoraplexClientError
 
-        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-            details = exc.details() or ""
-            hint = f" (is `loraplex serve` running at {args.server}?)" if "connect" in details and hasattr(
+        if isinstance(exc, LoraplexClientError):
+            hint = f" (is `loraplex serve` running at {args.server}?)" if exc.retryable and hasattr(
                 args, "server") else ""
-            print(f"loraplex: error: {exc.code().name}: {details}{hint}", file=sys.stderr)
+            print(f"loraplex: error: {exc.status.name}: {exc.message}{hint}", file=sys.stderr)
             return 1
         raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

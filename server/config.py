@@ -164,11 +164,13 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
-    """The gRPC server around the engine: addresses, state, security, limits."""
+    """The gRPC server (and the HTTP API beside it) around the engine: addresses, state, security, limits."""
 
     host: str = "127.0.0.1"
     port: int = 50051
     """0 = any free port (the server reports the one it bound)."""
+    http_port: int | None = None
+    """OpenAI-compatible HTTP API on `host` (server/openai_api/); 0 = any free port, None = none."""
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9400
     """Prometheus text at http://metrics_host:metrics_port/metrics; 0 = any free port, None = none."""
@@ -209,7 +211,7 @@ class ServiceConfig:
 
     def __post_init__(self):
         problems = []
-        for name in ("port", "metrics_port"):
+        for name in ("port", "http_port", "metrics_port"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name}={getattr(self, name)} (0..65535)")
         if bool(self.tls_cert) != bool(self.tls_key):

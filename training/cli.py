@@ -129,18 +129,16 @@ def check_register(args: argparse.Namespace) -> None:
 
 def register_trained(args: argparse.Namespace, folder: Path, say=print) -> None:
     """Upload the finished adapter folder to a running server (Adapters.UploadAdapter)."""
-    import grpc
-
-    from loraplex.server.service.client import Client, ClientConfig
+    from loraplex.client import Client, ClientConfig, LoraplexClientError
     from loraplex.server.settings import read_tokens
 
     tokens = read_tokens(getattr(args, "token_file", None), "LORAPLEX_ADMIN_TOKEN")
     target = args.server or DEFAULT_SERVER
     try:
         with Client(ClientConfig(target=target, token=tokens[0] if tokens else None)) as client:
-            info = client.upload(args.register, folder)
-    except grpc.RpcError as exc:
-        raise ConfigError(f"--register: {target} refused the upload ({exc.code().name}: {exc.details()}); "
+            info = client.upload_adapter(args.register, folder)
+    except LoraplexClientError as exc:
+        raise ConfigError(f"--register: {target} refused the upload ({exc.status.name}: {exc.message}); "
                           f"the adapter is saved in {folder}") from None
     say(f"registered {info.name!r} version {info.version} on {target} (sha256 {info.sha256[:12]})")
 

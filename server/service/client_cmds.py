@@ -1,4 +1,4 @@
-"""`loraplex generate` and `loraplex adapters ...`: client calls against a running server."""
+"""`loraplex generate` and `loraplex adapters ...`: loraplex.client calls against a running server."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,6 @@ from ..errors import ConfigError
 from ..settings import Layers, read_tokens
 
 CLIENT = Layers("client", env_prefix="LORAPLEX_CLIENT_")
-_STATES = {0: "REGISTERED", 1: "LOADING", 2: "HOST", 3: "DEVICE"}
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +83,7 @@ def parse_mix(text: str) -> list[tuple[str, float]]:
 
 
 def _client(args, token_env: str):
-    from .client import Client, ClientConfig
+    from loraplex.client import Client, ClientConfig
 
     tokens = read_tokens(args.token_file, token_env)
     return Client(ClientConfig(target=args.server, token=tokens[0] if tokens else None, tls_ca=args.tls_ca,
@@ -93,61 +92,39 @@ def _client(args, token_env: str):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from loraplex.v1 import generation_pb2 as gpb
-
-    from .client import chat_request
-
-    sampling = gpb.SamplingParameters(temperature=args.temperature, top_k=args.top_k)
-    if args.top_p is not None:
-        sampling.top_p = args.top_p
-    if args.seed is not None:
-        sampling.seed = args.seed
-    fields = dict(adapter=args.adapter, adapters=[gpb.AdapterWeight(name=n, weight=w) for n, w in args.mix or ()],
-                  merge_method=gpb.MergeMethod.Value(args.merge_method), sampling=sampling,
-                  stopping=gpb.StoppingCriteria(max_new_tokens=args.max_new_tokens, stop_sequences=args.stop))
-    if args.density is not None:
-        fields["density"] = args.density
-    request = gpb.GenerateRequest(prompt=args.prompt, **fields) if args.raw else chat_request(args.prompt, **fields)
+    text = dict(prompt=args.prompt) if args.raw else dict(messages=[{"role": "user", "content": args.prompt}])
+    options = dict(adapter=args.adapter, adapters=args.mix, merge_method=args.merge_method, density=args.density,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                   max_new_tokens=args.max_new_tokens, stop=args.stop, **text)
     with _client(args, "LORAPLEX_GENERATION_TOKEN") as client:
         if not args.stream:
-            print(client.call(client.generation.Generate, request).text)
+            print(client.generate(**options).text)
             return 0
-        for response in client.call(client.generation.GenerateStream, request):
-            print(response.text, end="", flush=True)
+        for chunk in client.stream(**options):
+            print(chunk.text, end="", flush=True)
         print()
     return 0
 
 
 def run_adapters(args: argparse.Namespace) -> int:
-    from loraplex.v1 import adapters_pb2 as apb
-
     with _client(args, "LORAPLEX_ADMIN_TOKEN") as client:
-        stub, call = client.adapters, client.call
         if args.action == "list":
-            infos = call(stub.ListAdapters, apb.ListAdaptersRequest()).adapters
             print(f"{'NAME':24} {'VER':>4} {'STATE':10} {'PIN':3} {'RANK':>4} {'REQUESTS':>8}  SOURCE")
-            for info in infos:
-                print(f"{info.name:24} {info.version:>4} {_STATES.get(info.state, '?'):10} "
-                      f"{'yes' if info.pinned else '':3} {info.rank:>4} {info.request_count:>8}  {info.source}")
+            for info in client.list_adapters():
+                print(f"{info.name:24} {info.version:>4} {info.state:10} {'yes' if info.pinned else '':3} "
+                      f"{info.rank:>4} {info.request_count:>8}  {info.source}")
             return 0
         if args.action == "register":
-            info = call(stub.RegisterAdapter, apb.RegisterAdapterRequest(
-                name=args.name, source=_server_path(args.path), pin=args.pin, preload=args.preload)).adapter
+            info = client.register_adapter(args.name, _server_path(args.path), pin=args.pin, preload=args.preload)
         elif args.action == "upload":
             if not Path(args.path).is_dir():
                 raise ConfigError(f"{args.path}: not a folder (expected a PEFT adapter folder)")
-            info = client.upload(args.name, args.path, pin=args.pin, preload=args.preload)
+            info = client.upload_adapter(args.name, args.path, pin=args.pin, preload=args.preload)
         else:
-            method, message = {"get": (stub.GetAdapter, apb.GetAdapterRequest),
-                               "delete": (stub.DeleteAdapter, apb.DeleteAdapterRequest),
-                               "pin": (stub.PinAdapter, apb.PinAdapterRequest),
-                               "unpin": (stub.UnpinAdapter, apb.UnpinAdapterRequest),
-                               "load": (stub.LoadAdapter, apb.LoadAdapterRequest),
-                               "unload": (stub.UnloadAdapter, apb.UnloadAdapterRequest)}[args.action]
-            info = call(method, message(name=args.name)).adapter
+            info = getattr(client, f"{args.action}_adapter")(args.name)
     verb = {"get": "", "delete": "deleted ", "register": "registered ", "upload": "uploaded ", "pin": "pinned ",
             "unpin": "unpinned ", "load": "loaded ", "unload": "unloaded "}[args.action]
-    print(f"{verb}{info.name} version {info.version}: rank {info.rank}, {_STATES.get(info.state, '?')}"
+    print(f"{verb}{info.name} version {info.version}: rank {info.rank}, {info.state}"
           f"{', pinned' if info.pinned else ''}, {info.size_bytes} bytes, sha256 {info.sha256[:12]}, "
           f"source {info.source}", file=sys.stdout)
     return 0

@@ -14,10 +14,12 @@ import sys
 import tempfile
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..demo import QUESTION, check_example_adapters, default_adapters_dir
 from ..errors import ModelLoadError
+from .convert import adapter_version
 
 NAMES = ("caps", "pirate", "legal")
 
@@ -49,10 +51,7 @@ def serve_command(port: int, state_dir: str, adapters_dir: Path, args) -> list[s
 
 
 def run_server_demo(args: argparse.Namespace) -> int:
-    from loraplex.v1 import adapters_pb2 as apb
-    from loraplex.v1 import generation_pb2 as gpb
-
-    from .client import Client, ClientConfig, chat_request
+    from loraplex.client import Client
 
     adapters_dir = _adapters_dir(args)
     check_example_adapters(adapters_dir, list(NAMES))
@@ -64,23 +63,22 @@ def run_server_demo(args: argparse.Namespace) -> int:
             server = subprocess.Popen(serve_command(port, state_dir + "/state", adapters_dir, args),
                                       stdout=log, stderr=subprocess.STDOUT)
         try:
-            with Client(ClientConfig(target=f"127.0.0.1:{port}")) as client:
+            with Client(f"127.0.0.1:{port}") as client:
                 print(f"loraplex serve: starting on 127.0.0.1:{port} (pid {server.pid}) ...", flush=True)
                 try:
-                    client.wait_serving(timeout=600, alive=lambda: server.poll() is None)
+                    client.wait_ready(timeout=600, alive=lambda: server.poll() is None)
                 except (RuntimeError, TimeoutError) as exc:
                     tail = "\n".join(log_path.read_text().splitlines()[-15:])
                     raise ModelLoadError(f"{exc}; its log ends with:\n{tail}") from None
-                info = client.call(client.generation.ModelInfo, gpb.ModelInfoRequest())
+                info = client.model_info()
                 print(f"server SERVING in {time.monotonic() - started:.1f} s: {info.base_model}, "
                       f"{info.quantization}, {info.device}\n")
                 for name in NAMES:
-                    adapter = client.call(client.adapters.RegisterAdapter, apb.RegisterAdapterRequest(
-                        name=name, source=str(adapters_dir / name))).adapter
+                    adapter = client.register_adapter(name, str(adapters_dir / name))
                     print(f"RegisterAdapter {name!r}: version {adapter.version}, rank {adapter.rank}, "
                           f"targets {', '.join(adapter.target_modules)}")
-                _generate_all(client, gpb, chat_request, args.max_new_tokens)
-                _stream_one(client, gpb, chat_request, args.max_new_tokens)
+                _generate_all(client, args.max_new_tokens)
+                _stream_one(client, args.max_new_tokens)
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -92,31 +90,33 @@ def run_server_demo(args: argparse.Namespace) -> int:
         return 0 if code == 0 else 1
 
 
-def _generate_all(client, gpb, chat_request, max_new_tokens: int) -> None:
-    stopping = gpb.StoppingCriteria(max_new_tokens=max_new_tokens)
+def _chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _generate_all(client, max_new_tokens: int) -> None:
     rows = [("base model", {}), ("adapter 'caps'", dict(adapter="caps")), ("adapter 'pirate'", dict(adapter="pirate")),
             ("adapter 'legal'", dict(adapter="legal")),
-            ("mix 0.5 caps + 0.5 pirate", dict(adapters=[gpb.AdapterWeight(name="caps", weight=0.5),
-                                                         gpb.AdapterWeight(name="pirate", weight=0.5)]))]
+            ("mix 0.5 caps + 0.5 pirate", dict(adapters={"caps": 0.5, "pirate": 0.5}))]
     started = time.monotonic()
-    futures = [client.call(client.generation.Generate.future, chat_request(QUESTION, stopping=stopping, **kw))
-               for _, kw in rows]  # concurrent: the engine batches them together
-    results = [f.result() for f in futures]
+    with ThreadPoolExecutor(len(rows)) as pool:  # concurrent: the engine batches them together
+        results = list(pool.map(lambda kw: client.generate(messages=_chat(QUESTION), max_new_tokens=max_new_tokens,
+                                                           **kw), [kw for _, kw in rows]))
     seconds = time.monotonic() - started
     print(f"\nQ: {QUESTION}\n")
     for (label, _), result in zip(rows, results):
-        print(f"[Generate: {label}]" + (f" ({result.adapter_version})" if result.adapter_version else ""))
+        versions = adapter_version(result.adapter_versions)
+        print(f"[Generate: {label}]" + (f" ({versions})" if versions else ""))
         print(textwrap.indent(textwrap.fill(result.text.strip(), 88), "  "))
         print()
     tokens = sum(r.generated_tokens for r in results)
     print(f"{len(rows)} concurrent Generate calls: {tokens} tokens in {seconds:.1f} s")
 
 
-def _stream_one(client, gpb, chat_request, max_new_tokens: int) -> None:
+def _stream_one(client, max_new_tokens: int) -> None:
     question = "Tell me about the sea."
     print(f"\n[GenerateStream: adapter 'pirate'] {question}\n  ", end="", flush=True)
-    request = chat_request(question, adapter="pirate", stopping=gpb.StoppingCriteria(max_new_tokens=max_new_tokens))
     last = None
-    for last in client.call(client.generation.GenerateStream, request):
+    for last in client.stream(messages=_chat(question), adapter="pirate", max_new_tokens=max_new_tokens):
         print(last.text, end="", flush=True)
-    print(f"\n  (stop_reason {gpb.StopReason.Name(last.stop_reason)}, {last.generated_tokens} tokens)")
+    print(f"\n  (stop_reason {last.stop_reason.name}, {last.generated_tokens} tokens)")

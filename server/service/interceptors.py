@@ -13,12 +13,12 @@ INVALID_ARGUMENT naming the field (service/wire.py), for every service, health a
 """
 from __future__ import annotations
 
-import hmac
 import logging
 
 import grpc
 
 from ..errors import LoraplexError
+from .auth import check_bearer
 from .wire import diagnose, largest_field
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,17 @@ class Scrubber:
         return message
 
 
+FIELD_METADATA = "loraplex-field"
+"""Trailing metadata naming the request field an error is about (loraplex.client reads it)."""
+
+
+def field_metadata(exc: LoraplexError) -> tuple[tuple[str, str], ...]:
+    return ((FIELD_METADATA, exc.field),) if exc.field else ()
+
+
 async def _abort_for(exc: Exception, context, method: str, scrub: Scrubber):
     if isinstance(exc, LoraplexError):
-        await context.abort(status_code(exc), scrub(str(exc)))
+        await context.abort(status_code(exc), scrub(str(exc)), field_metadata(exc))
     log.error("%s failed with an unexpected error", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, scrub(f"internal error: {type(exc).__name__}: {exc}"))
 
@@ -203,23 +211,20 @@ class _Refusal(Exception):
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer <token>`: UNAUTHENTICATED when missing, PERMISSION_DENIED when wrong."""
+    """`authorization: Bearer <token>`: UNAUTHENTICATED when missing, PERMISSION_DENIED when wrong (service/auth.py)."""
 
     def __init__(self, admin_tokens: tuple[str, ...], generation_tokens: tuple[str, ...]):
-        self.required = {ADMIN_PREFIX: [t.encode() for t in admin_tokens],
-                         GENERATION_PREFIX: [t.encode() for t in generation_tokens]}
+        self.required = {ADMIN_PREFIX: admin_tokens, GENERATION_PREFIX: generation_tokens}
 
     async def intercept_service(self, continuation, details):
         tokens = next((t for prefix, t in self.required.items() if details.method.startswith(prefix)), None)
-        if not tokens:
+        authorization = next((value for key, value in details.invocation_metadata or ()
+                              if key.lower() == "authorization"), None)
+        try:
+            check_bearer(authorization, tokens or (), "'Bearer <token>' metadata")
             return await continuation(details)
-        presented = _bearer(details.invocation_metadata)
-        if presented is None:
-            code, message = grpc.StatusCode.UNAUTHENTICATED, "authorization: this call needs 'Bearer <token>' metadata"
-        elif not _matches(presented.encode(), tokens):
-            code, message = grpc.StatusCode.PERMISSION_DENIED, "authorization: the bearer token is not accepted here"
-        else:
-            return await continuation(details)
+        except LoraplexError as exc:
+            code, message, trailing = status_code(exc), str(exc), field_metadata(exc)
         handler = await continuation(details)
         if handler is None:
             return None
@@ -227,30 +232,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         def wrap(behavior, streaming):
             if streaming:
                 async def refuse_stream(request, context):
-                    await context.abort(code, message)
+                    await context.abort(code, message, trailing)
                     yield  # never reached: makes this an async generator like the handler it replaces
                 return refuse_stream
 
             async def refuse(request, context):
-                await context.abort(code, message)
+                await context.abort(code, message, trailing)
             return refuse
 
         return _replace_behavior(handler, wrap)
-
-
-def _bearer(metadata) -> str | None:
-    """The bearer token presented, or None when there is none (no header, another scheme, empty)."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization":
-            value = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = value.strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return None
-
-
-def _matches(presented: bytes, tokens: list[bytes]) -> bool:
-    """Constant-time against every accepted token (no early exit, so timing shows nothing)."""
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(presented, token)
-    return matched

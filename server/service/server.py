@@ -1,4 +1,5 @@
-"""The grpc.aio server: services, health, reflection, TLS, metrics, and the drain on SIGTERM.
+"""The grpc.aio server: services, health, reflection, TLS, metrics, the OpenAI-compatible HTTP API beside
+it (--http-port, same event loop and engine), and the drain on SIGTERM.
 
 Lifecycle: `start()` listens at once with health NOT_SERVING; `load()` builds the engine (model,
 KV cache) off the event loop, restores the registry and turns health SERVING; `stop()` turns
@@ -23,6 +24,7 @@ from ..config import EngineConfig, ServiceConfig
 from ..engine.requests import max_request_bytes
 from ..errors import ConfigError
 from .admin import AdaptersServicer
+from .generations import Generations
 from .interceptors import DecodeInterceptor, ErrorInterceptor, Scrubber, TokenAuthInterceptor
 from .metrics import ServiceMetrics
 from .runtime import Runtime
@@ -62,7 +64,9 @@ class LoraplexServer:
                                workers=WorkerPool(config.request_workers, config.max_pending_requests))
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
+        self._http = None
         self._server: grpc.aio.Server | None = None
         self._flusher: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
@@ -91,14 +95,26 @@ class LoraplexServer:
             raise ConfigError(f"cannot listen on {address} (in use?)")
         await server.start()
         self._server, self.port = server, port
+        if config.http_port is not None:
+            from ..openai_api.server import HttpServer  # FastAPI and uvicorn only when HTTP is asked for
+
+            self._http = HttpServer(config, self.runtime, Generations(self.runtime))
+            try:
+                self.http_port = await self._http.start()
+            except ConfigError:
+                await server.stop(None)
+                raise
         if self.runtime.metrics is not None:
             try:
                 self.metrics_port = self.runtime.metrics.serve(config.metrics_host, config.metrics_port)
             except OSError as exc:
                 await server.stop(None)
+                if self._http is not None:
+                    await self._http.stop()
                 raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port} "
                                   f"({exc.strerror})") from None
-        log.info("listening on %s:%d (%s), metrics on %s", config.host, port, "TLS" if credentials else "plaintext",
+        log.info("listening on %s:%d (%s), HTTP on %s, metrics on %s", config.host, port,
+                 "TLS" if credentials else "plaintext", self.http_port or "off",
                  f"{config.metrics_host}:{self.metrics_port}" if self.metrics_port else "off")
 
     async def load(self) -> None:
@@ -134,6 +150,8 @@ class LoraplexServer:
             await asyncio.to_thread(engine.stop, grace)  # running requests finish, or are cancelled at `grace`
         if self._server is not None:
             await self._server.stop(1.0)  # handlers send their last messages
+        if self._http is not None:
+            await self._http.stop()
         if registry is not None:
             await asyncio.to_thread(registry.save)
         if self.runtime.metrics is not None:

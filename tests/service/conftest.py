@@ -75,12 +75,11 @@ class ServerThread:
 
 def register_examples(target: str, names) -> None:
     """Register adapters of the session's adapter root under their own names (source = name)."""
-    from loraplex.server.service.client import Client, ClientConfig
-    from loraplex.v1 import adapters_pb2 as apb
+    from loraplex.client import Client, ClientConfig
 
     with Client(ClientConfig(target=target)) as client:
         for name in names:
-            client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name=name, source=name))
+            client.register_adapter(name, name)
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -161,3 +160,12 @@ def adapter_root(tmp_path_factory) -> Path:
     for how in BROKEN:
         broken_copy(EXAMPLES / "caps", root / "broken" / how, how)
     return root
+
+
+def chat_request(text: str, **kwargs):
+    """A raw GenerateRequest whose input is one user message (for tests that send protobuf as it is)."""
+    from loraplex.v1 import generation_pb2
+
+    return generation_pb2.GenerateRequest(
+        messages=generation_pb2.ChatMessages(messages=[generation_pb2.ChatMessage(role="user", content=text)]),
+        **kwargs)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import grpc
 
-from loraplex.server.service.client import Client, ClientConfig, chat_request
+from loraplex.client import NO_RETRY, Client, ClientConfig, LoraplexClientError
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 
-from .conftest import free_port
+from .conftest import chat_request, free_port
 
 CHAOS_ROUNDS = int(os.environ.get("LORAPLEX_CHAOS_ROUNDS", "3"))
 WORKERS = 4
@@ -42,8 +42,8 @@ class Serve:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.log = open(log, "a")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.client = Client(ClientConfig(target=f"127.0.0.1:{self.port}", timeout=60))
-        self.client.wait_serving(180, alive=lambda: self.process.poll() is None)
+        self.client = Client(ClientConfig(target=f"127.0.0.1:{self.port}", timeout=60, retry=NO_RETRY))
+        self.client.wait_ready(180, alive=lambda: self.process.poll() is None)
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -61,7 +61,7 @@ class Serve:
 
 def check_state(serve: Serve, state: Path, acked: dict[str, tuple[int, str]]) -> dict[str, apb.AdapterInfo]:
     """Every acknowledged registration kept; everything recorded complete and served; nothing half-made."""
-    listed = {a.name: a for a in serve.client.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters}
+    listed = {a.name: a for a in serve.client.stubs.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters}
     for name, (version, sha) in acked.items():
         assert name in listed, f"acknowledged registration {name} lost"
         assert (listed[name].version, listed[name].sha256) == (version, sha) or (
@@ -88,11 +88,11 @@ def traffic(serve: Serve, root: Path, worker: int, round_: int, acked: dict, loc
         i += 1
         try:
             if rng.random() < 0.5:
-                info = serve.client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name=name, source=source),
-                                                             timeout=30).adapter
+                info = serve.client.stubs.adapters.RegisterAdapter(
+                    apb.RegisterAdapterRequest(name=name, source=source), timeout=30).adapter
             else:
-                info = serve.client.upload(name, root / source)
-        except grpc.RpcError:
+                info = serve.client.upload_adapter(name, root / source, timeout=30)
+        except (grpc.RpcError, LoraplexClientError):
             if serve.process.poll() is not None:
                 return
             continue
@@ -126,7 +126,7 @@ def test_kill_9_during_concurrent_registers_and_uploads(adapter_root, tmp_path):
         assert acked, "no registration was acknowledged: the kills came too early to test anything"
         name = sorted(n for n in acked if not n.startswith("shared"))[0]
         stopping = gpb.StoppingCriteria(max_new_tokens=2, ignore_eos=True)
-        reply = serve.client.generation.Generate(chat_request("Name a color.", adapter=name, stopping=stopping))
+        reply = serve.client.stubs.generation.Generate(chat_request("Name a color.", adapter=name, stopping=stopping))
         assert reply.generated_tokens == 2 and reply.adapter_version.startswith(name)
         assert serve.stop() == 0
     finally:

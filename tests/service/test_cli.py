@@ -59,8 +59,9 @@ def test_serve_settings_build_the_configs(tmp_path, monkeypatch):
     tokens = tmp_path / "admin.tokens"
     tokens.write_text("# rotate: new first\nnew-token\n\nold-token\n")
     args = parse(["serve", "--admin-token-file", str(tokens), "--max-loras", "2", "--no-metrics",
-                  "--adapter-root", str(tmp_path), "--quantization", "none"])
+                  "--adapter-root", str(tmp_path), "--quantization", "none", "--http-port", "0"])
     service, engine = configs_from_args(args)
+    assert service.http_port == 0 and configs_from_args(parse(["serve"]))[0].http_port is None
     assert service.admin_tokens == ("new-token", "old-token") and service.generation_tokens == ("gen",)
     assert service.metrics_port is None and service.adapter_roots == (str(tmp_path.resolve()),)
     assert engine.lora.max_loras == 2 and engine.lora.max_adapters_per_request == 2

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from loraplex.client import Client, ClientConfig
 from loraplex.server.config import ServiceConfig
-from loraplex.server.service.client import Client, ClientConfig
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 
@@ -58,7 +58,7 @@ def server(smol_fp32, fuzz_root, tmp_path_factory):
     running = ServerThread(service, engine_config_for_tests(base / "cache", max_new_tokens_limit=8,
                                                             default_max_new_tokens=4), smol_fp32)
     with Client(ClientConfig(target=running.target, timeout=60)) as client:
-        client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="caps", source="caps"))
+        client.stubs.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="caps", source="caps"))
     yield running
     running.stop()
 
@@ -70,7 +70,7 @@ def client(server):
 
 
 def assert_healthy(client, server) -> None:
-    reply = client.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    reply = client.stubs.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     engine = server.engine
     assert wait_for(lambda: engine.queue_depth() == 0 and engine.running_batch_size() == 0
@@ -127,10 +127,10 @@ def generate_requests(draw) -> gpb.GenerateRequest:
 def test_arbitrary_generate_requests_never_unknown_or_internal(client, server, message, streaming):
     try:
         if streaming:
-            replies = list(client.generation.GenerateStream(message))
+            replies = list(client.stubs.generation.GenerateStream(message))
             assert replies and replies[-1].stop_reason != gpb.NOT_FINISHED
         else:
-            reply = client.generation.Generate(message)
+            reply = client.stubs.generation.Generate(message)
             assert reply.stop_reason != gpb.NOT_FINISHED
         event("served")
     except grpc.RpcError as exc:
@@ -197,7 +197,7 @@ def test_arbitrary_bytes_never_unknown_or_internal(server, method, data, more):
 
 def test_arbitrary_bytes_left_the_server_idle(client, server):
     assert_healthy(client, server)
-    names = [a.name for a in client.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters]
+    names = [a.name for a in client.stubs.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters]
     assert "caps" in names
 
 
@@ -296,9 +296,9 @@ def test_the_unmutated_small_adapter_is_valid(client, server, fuzz_root):
     folder.mkdir(exist_ok=True)
     (folder / "adapter_config.json").write_bytes(CONFIG)
     (folder / "adapter_model.safetensors").write_bytes(WEIGHTS)
-    info = client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="small", source="small")).adapter
+    info = client.stubs.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="small", source="small")).adapter
     assert (info.rank, sorted(info.target_modules), list(info.warnings)) == (2, ["q_proj", "v_proj"], [])
-    client.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="small"))
+    client.stubs.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="small"))
     state = Path(server.server.config.state_dir)
     assert wait_for(lambda: not (state / "adapters" / "small").exists(), 10)
 
@@ -312,20 +312,21 @@ def test_mutated_adapter_folders_refused_clearly_and_nothing_left(client, server
         messages = [apb.UploadAdapterRequest(name="mut"),
                     apb.UploadAdapterRequest(file_name="adapter_config.json", data=config),
                     apb.UploadAdapterRequest(file_name="adapter_model.safetensors", data=weights)]
-        call = lambda: client.adapters.UploadAdapter(iter(messages))  # noqa: E731
+        call = lambda: client.stubs.adapters.UploadAdapter(iter(messages))  # noqa: E731
     else:
         folder = fuzz_root / "mut"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         (folder / "adapter_config.json").write_bytes(config)
         (folder / "adapter_model.safetensors").write_bytes(weights)
-        call = lambda: client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="mut", source="mut"))  # noqa
+        register = client.stubs.adapters.RegisterAdapter
+        call = lambda: register(apb.RegisterAdapterRequest(name="mut", source="mut"))  # noqa
     started = time.monotonic()
     try:
         info = call().adapter  # a mutation that left a valid adapter: served like any other
         event("registered")
         assert info.name == "mut" and info.rank >= 1
-        client.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="mut"))
+        client.stubs.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="mut"))
         assert wait_for(lambda: not (state / "adapters" / "mut").exists(), 10)
     except grpc.RpcError as exc:
         event(exc.code().name)
@@ -334,4 +335,4 @@ def test_mutated_adapter_folders_refused_clearly_and_nothing_left(client, server
         assert str(state) not in exc.details()
     assert time.monotonic() - started < 10
     assert _left_behind(state, {"caps"}) == []
-    assert [a.name for a in client.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters] == ["caps"]
+    assert [a.name for a in client.stubs.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters] == ["caps"]

@@ -9,12 +9,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loraplex.client import Client, ClientConfig
 from loraplex.server.config import ServiceConfig
-from loraplex.server.service.client import Client, ClientConfig, chat_request
 from loraplex.server.service.metrics import AdapterLabels
 from loraplex.v1 import generation_pb2 as gpb
 
-from .conftest import PROMPTS, ServerThread, engine_config_for_tests, register_examples, wait_for
+from .conftest import PROMPTS, ServerThread, chat_request, engine_config_for_tests, register_examples, wait_for
 
 NAMES = ("caps", "pirate", "caps_soft", "pirate_soft")
 
@@ -45,8 +45,8 @@ def idle(engine) -> bool:
 
 
 def test_stream_adds_up_to_generate(client):
-    whole = client.generation.Generate(request(adapter="pirate", tokens=12, request_id="abc"))
-    parts = list(client.generation.GenerateStream(request(adapter="pirate", tokens=12)))
+    whole = client.stubs.generation.Generate(request(adapter="pirate", tokens=12, request_id="abc"))
+    parts = list(client.stubs.generation.GenerateStream(request(adapter="pirate", tokens=12)))
     assert [p.stop_reason for p in parts[:-1]] == [gpb.NOT_FINISHED] * (len(parts) - 1)
     assert parts[-1].stop_reason == whole.stop_reason == gpb.MAX_TOKENS
     assert "".join(p.text for p in parts) == whole.text and [t for p in parts for t in p.token_ids] == list(
@@ -57,15 +57,15 @@ def test_stream_adds_up_to_generate(client):
 
 def test_sampling_seed_logprobs_and_stops(client):
     sampled = dict(sampling=gpb.SamplingParameters(temperature=1.0, top_p=0.9, seed=42), top_logprobs=2)
-    first = client.generation.Generate(request(tokens=6, **sampled))
-    again = client.generation.Generate(request(tokens=6, **sampled))
+    first = client.stubs.generation.Generate(request(tokens=6, **sampled))
+    again = client.stubs.generation.Generate(request(tokens=6, **sampled))
     assert first.token_ids == again.token_ids and first.seed == 42 and len(first.logprobs) == 6
     assert all(len(lp.top) == 2 and lp.logprob <= 0 for lp in first.logprobs)
-    unseeded = client.generation.Generate(request(tokens=2, sampling=gpb.SamplingParameters(temperature=1.0)))
+    unseeded = client.stubs.generation.Generate(request(tokens=2, sampling=gpb.SamplingParameters(temperature=1.0)))
     assert unseeded.seed != 0
-    free = client.generation.Generate(request(tokens=16))
+    free = client.stubs.generation.Generate(request(tokens=16))
     stop = free.text[4:8]
-    stopped = client.generation.Generate(chat_request(PROMPTS[0], stopping=gpb.StoppingCriteria(
+    stopped = client.stubs.generation.Generate(chat_request(PROMPTS[0], stopping=gpb.StoppingCriteria(
         max_new_tokens=16, stop_sequences=[stop], ignore_eos=True)))
     assert stopped.stop_reason == gpb.STOP_SEQUENCE and stopped.text == free.text[:free.text.index(stop)]
 
@@ -76,22 +76,22 @@ def test_merge_method_and_density_reach_the_engine(client):
     mix = [gpb.AdapterWeight(name="caps", weight=0.6), gpb.AdapterWeight(name="pirate", weight=0.4)]
     for method in (gpb.TIES, gpb.DARE_LINEAR, gpb.DARE_TIES):
         with pytest.raises(grpc.RpcError) as info:
-            client.generation.Generate(request(tokens=4, adapters=mix, merge_method=method, density=0.0))
+            client.stubs.generation.Generate(request(tokens=4, adapters=mix, merge_method=method, density=0.0))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "density" in info.value.details()
-    linear = client.generation.Generate(request(tokens=4, adapters=mix, density=0.0))
+    linear = client.stubs.generation.Generate(request(tokens=4, adapters=mix, density=0.0))
     assert linear.generated_tokens == 4 and linear.adapter_version == "caps@1,pirate@1"
 
 
 def test_tokenize_and_model_info(client, server):
     tokenizer = server.engine.tokenizer
-    reply = client.generation.Tokenize(gpb.TokenizeRequest(text="Hello world", return_tokens=True))
+    reply = client.stubs.generation.Tokenize(gpb.TokenizeRequest(text="Hello world", return_tokens=True))
     assert list(reply.token_ids) == tokenizer("Hello world").input_ids and len(reply.tokens) == len(reply.token_ids)
-    chat = client.generation.Tokenize(gpb.TokenizeRequest(messages=request().messages))
+    chat = client.stubs.generation.Tokenize(gpb.TokenizeRequest(messages=request().messages))
     assert len(chat.token_ids) > len(reply.token_ids) and not chat.tokens
     with pytest.raises(grpc.RpcError) as info:
-        client.generation.Tokenize(gpb.TokenizeRequest())
+        client.stubs.generation.Tokenize(gpb.TokenizeRequest())
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text" in info.value.details()
-    model = client.generation.ModelInfo(gpb.ModelInfoRequest())
+    model = client.stubs.generation.ModelInfo(gpb.ModelInfoRequest())
     assert (model.base_model, model.quantization, model.device, model.dtype) == (
         "HuggingFaceTB/SmolLM2-135M-Instruct", "none", "cpu", "float32")
     assert (model.max_context, model.max_lora_rank, model.adapter_slots, model.max_new_tokens_limit) == (512, 16, 4, 64)
@@ -99,7 +99,7 @@ def test_tokenize_and_model_info(client, server):
 
 def test_cancel_stops_within_a_step_and_frees_kv(client, server):
     engine = server.engine
-    stream = client.generation.GenerateStream(request(tokens=64))
+    stream = client.stubs.generation.GenerateStream(request(tokens=64))
     next(stream), next(stream)
     assert engine.kv_usage() > 0 and engine.running_batch_size() == 1
     steps = engine.steps_total
@@ -115,10 +115,10 @@ def test_deadline_reaches_the_engine(client, server):
     engine = server.engine
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
-        client.generation.Generate(request(tokens=64), timeout=0.3)
+        client.stubs.generation.Generate(request(tokens=64), timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 2
     assert wait_for(lambda: idle(engine), 5)
-    stream = client.generation.GenerateStream(request(tokens=64), timeout=0.4)
+    stream = client.stubs.generation.GenerateStream(request(tokens=64), timeout=0.4)
     with pytest.raises(grpc.RpcError) as info:
         list(stream)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -129,12 +129,12 @@ def test_metrics_series_labels_and_cap(client, server):
     before = server.metrics()
     for unknown in ("missing-1", "missing-2", "missing-3"):  # NOT_FOUND: counted as "other", takes no label
         with pytest.raises(grpc.RpcError):
-            client.generation.Generate(request(tokens=2, adapter=unknown))
+            client.stubs.generation.Generate(request(tokens=2, adapter=unknown))
     for name in NAMES:  # max_adapter_labels=3: the fourth distinct name is counted as "other"
-        client.generation.Generate(request(tokens=2, adapter=name))
-    client.generation.Generate(request(tokens=2, adapters=[gpb.AdapterWeight(name="caps", weight=0.5)]))
+        client.stubs.generation.Generate(request(tokens=2, adapter=name))
+    client.stubs.generation.Generate(request(tokens=2, adapters=[gpb.AdapterWeight(name="caps", weight=0.5)]))
     with pytest.raises(grpc.RpcError):
-        client.generation.Generate(request(tokens=2, adapter="missing"))
+        client.stubs.generation.Generate(request(tokens=2, adapter="missing"))
     assert wait_for(lambda: idle(server.engine), 5)
     m = server.metrics()
     labels = {key.split('adapter="')[1].split('"')[0] for key in m if key.startswith("loraplex_requests_total{")}
@@ -163,13 +163,13 @@ def test_queue_full_and_cancel_while_waiting(smol_fp32, tmp_path):
                           engine_config_for_tests(tmp_path / "cache", max_num_seqs=1, max_waiting=2), smol_fp32)
     try:
         with Client(ClientConfig(target=server.target, timeout=60)) as client:
-            running = client.generation.GenerateStream(request(tokens=64))
+            running = client.stubs.generation.GenerateStream(request(tokens=64))
             next(running)
-            waiting = [client.generation.GenerateStream(request(tokens=4)) for _ in range(2)]
+            waiting = [client.stubs.generation.GenerateStream(request(tokens=4)) for _ in range(2)]
             assert wait_for(lambda: server.engine.queue_depth() == 2, 5)
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
-                client.generation.Generate(request(tokens=4))
+                client.stubs.generation.Generate(request(tokens=4))
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - started < 0.5
             assert "queue full" in info.value.details()
             for call in waiting:
@@ -177,7 +177,7 @@ def test_queue_full_and_cancel_while_waiting(smol_fp32, tmp_path):
             assert wait_for(lambda: server.engine.queue_depth() == 0, 5)
             running.cancel()
             assert wait_for(lambda: idle(server.engine), 5)
-            assert client.generation.Generate(request(tokens=2)).generated_tokens == 2  # room again
+            assert client.stubs.generation.Generate(request(tokens=2)).generated_tokens == 2  # room again
     finally:
         server.stop()
 
@@ -193,17 +193,17 @@ def test_health_loading_serving_and_draining(smol_fp32, tmp_path):
         assert status() == status("loraplex.v1.Generation") == health_pb2.HealthCheckResponse.NOT_SERVING
         with Client(ClientConfig(target=server.target, timeout=30)) as client:
             with pytest.raises(grpc.RpcError) as info:
-                client.generation.Generate(request())
+                client.stubs.generation.Generate(request())
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.details()
             server.run(server.server.load())
             assert status() == status("loraplex.v1.Adapters") == health_pb2.HealthCheckResponse.SERVING
-            in_flight = client.generation.GenerateStream(request(tokens=24))
+            in_flight = client.stubs.generation.GenerateStream(request(tokens=24))
             next(in_flight)
             stopper = threading.Thread(target=server.stop, kwargs=dict(grace=30))
             stopper.start()
             assert wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
             with pytest.raises(grpc.RpcError) as info:
-                client.generation.Generate(request())
+                client.stubs.generation.Generate(request())
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             rest = list(in_flight)  # running work finishes within the grace period
             assert rest[-1].stop_reason == gpb.MAX_TOKENS and rest[-1].generated_tokens == 24
@@ -222,8 +222,8 @@ def test_drain_past_grace_ends_streams_unavailable(smol_fp32, tmp_path):
     server = ServerThread(ServiceConfig(port=0, metrics_port=None, state_dir=str(tmp_path / "state")),
                           engine_config_for_tests(tmp_path / "cache"), smol_fp32)
     with Client(ClientConfig(target=server.target, timeout=30)) as client:
-        stream = client.generation.GenerateStream(request(tokens=64))
-        unary = client.generation.Generate.future(request(tokens=64))
+        stream = client.stubs.generation.GenerateStream(request(tokens=64))
+        unary = client.stubs.generation.Generate.future(request(tokens=64))
         next(stream)
         engine = server.engine
         server.stop(grace=0.2)

@@ -24,13 +24,13 @@ import torch
 from grpc_health.v1 import health_pb2
 from safetensors.torch import save_file
 
+from loraplex.client import Client, ClientConfig, LoraplexClientError
 from loraplex.server.config import ServiceConfig
 from loraplex.server.errors import ResourceExhausted
-from loraplex.server.service.client import Client, ClientConfig, chat_request
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 
-from .conftest import EXAMPLES, ServerThread, engine_config_for_tests, wait_for
+from .conftest import EXAMPLES, ServerThread, chat_request, engine_config_for_tests, wait_for
 
 FIFTEEN_MB = 15_000_000
 
@@ -39,8 +39,19 @@ def request(prompt="Name a color.", tokens=4, **fields):
     return chat_request(prompt, stopping=gpb.StoppingCriteria(max_new_tokens=tokens, ignore_eos=True), **fields)
 
 
+def register(client, request: apb.RegisterAdapterRequest, **kwargs):
+    return client.stubs.adapters.RegisterAdapter(request, **kwargs)
+
+
 def rpc_error(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def client_error(call) -> LoraplexClientError:
+    """What a typed loraplex.client call raised."""
+    with pytest.raises(LoraplexClientError) as info:
         call()
     return info.value
 
@@ -121,7 +132,7 @@ def state_files(state: Path) -> list[str]:
 
 def health_check(client) -> float:
     started = time.monotonic()
-    reply = client.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    reply = client.stubs.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     return time.monotonic() - started
 
@@ -155,12 +166,12 @@ class PeakRss:
 
 
 def test_15mb_prompt_refused_at_once_while_others_answer_in_normal_time(client, server):
-    _, alone = timed(lambda: client.generation.Generate(request(tokens=4)))
+    _, alone = timed(lambda: client.stubs.generation.Generate(request(tokens=4)))
     health_alone = max(health_check(client) for _ in range(3))
     huge = gpb.GenerateRequest(prompt="a" * FIFTEEN_MB, stopping=gpb.StoppingCriteria(max_new_tokens=4))
     with ThreadPoolExecutor(4) as pool:
-        refused = pool.submit(timed, lambda: client.generation.Generate(huge))
-        short = pool.submit(timed, lambda: client.generation.Generate(request(tokens=4)))
+        refused = pool.submit(timed, lambda: client.stubs.generation.Generate(huge))
+        short = pool.submit(timed, lambda: client.stubs.generation.Generate(request(tokens=4)))
         health = [health_check(client) for _ in range(10)]
         error, seconds = refused.result()
         reply, short_seconds = short.result()
@@ -176,9 +187,9 @@ def test_a_burst_of_15mb_generates_and_tokenizes_is_refused_in_bounded_time_and_
     answers within a second here, not in its usual milliseconds."""
     with ThreadPoolExecutor(8) as pool, PeakRss() as memory:
         started = time.monotonic()
-        huge = [pool.submit(timed, lambda: next(client.generation.GenerateStream(gpb.GenerateRequest(
+        huge = [pool.submit(timed, lambda: next(client.stubs.generation.GenerateStream(gpb.GenerateRequest(
             prompt="a" * FIFTEEN_MB)))) for _ in range(2)]
-        tokenize = [pool.submit(timed, lambda: client.generation.Tokenize(gpb.TokenizeRequest(
+        tokenize = [pool.submit(timed, lambda: client.stubs.generation.Tokenize(gpb.TokenizeRequest(
             text="é" * (FIFTEEN_MB // 2)))) for _ in range(4)]
         health = [health_check(client) for _ in range(10)]
         results = [future.result() for future in huge + tokenize]
@@ -196,14 +207,14 @@ def test_prompt_just_under_the_byte_bound_is_tokenized_off_the_loop(client, serv
     assert bound == 512 * 81  # max_model_len x the longest SmolLM2 token (81 bytes)
     text = "word " * (bound // 5 - 1)  # fits the byte bound, but ~8k tokens: refused after tokenizing
     with ThreadPoolExecutor(4) as pool:
-        refused = [pool.submit(timed, lambda: client.generation.Generate(gpb.GenerateRequest(prompt=text)))
+        refused = [pool.submit(timed, lambda: client.stubs.generation.Generate(gpb.GenerateRequest(prompt=text)))
                    for _ in range(3)]
         health = [health_check(client) for _ in range(5)]
         for future in refused:
             error, _ = future.result()
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens leave no room" in error.details()
     assert max(health) < 0.5, health
-    counted = client.generation.Tokenize(gpb.TokenizeRequest(text=text))
+    counted = client.stubs.generation.Tokenize(gpb.TokenizeRequest(text=text))
     assert len(counted.token_ids) > 512  # Tokenize is bounded by bytes, not by the context
 
 
@@ -241,11 +252,11 @@ def test_short_request_beside_an_8k_prompt_done_within_a_few_steps(smol_fp32, tm
     engine = server.engine
     try:
         with Client(ClientConfig(target=server.target, timeout=300)) as client:
-            long = client.generation.GenerateStream(gpb.GenerateRequest(
+            long = client.stubs.generation.GenerateStream(gpb.GenerateRequest(
                 prompt="word " * 8100, stopping=gpb.StoppingCriteria(max_new_tokens=4, ignore_eos=True)))
             assert wait_for(lambda: engine.running_batch_size() == 1 and engine.steps_total >= 1, 60)
             steps, started = engine.steps_total, time.monotonic()
-            reply = client.generation.Generate(request(tokens=4))
+            reply = client.stubs.generation.Generate(request(tokens=4))
             took_steps, took_seconds = engine.steps_total - steps, time.monotonic() - started
             assert reply.generated_tokens == 4
             assert engine.running_batch_size() == 1  # the long prompt is still being prefilled beside it
@@ -309,7 +320,7 @@ def test_undecodable_bytes_on_every_kind_of_method(server):
 @pytest.mark.parametrize("value", [99, -5, 4])
 def test_unknown_merge_method_is_refused(client, value):
     mix = [gpb.AdapterWeight(name="caps", weight=1.0)]
-    error = rpc_error(lambda: client.generation.Generate(request(adapters=mix, merge_method=value)))
+    error = rpc_error(lambda: client.stubs.generation.Generate(request(adapters=mix, merge_method=value)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "merge_method" in error.details() and str(value) in error.details()
 
@@ -321,12 +332,12 @@ def _upload(client, name: str, config: bytes, weights: bytes):
                 apb.UploadAdapterRequest(file_name="adapter_config.json", data=config)]
     messages += [apb.UploadAdapterRequest(file_name="adapter_model.safetensors", data=weights[i:i + (1 << 20)])
                  for i in range(0, len(weights), 1 << 20)]
-    return client.adapters.UploadAdapter(iter(messages))
+    return client.stubs.adapters.UploadAdapter(iter(messages))
 
 
 def test_deeply_nested_config_refused_through_register_and_upload(client, state):
     before = state_files(state)
-    error = rpc_error(lambda: client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="deep", source="deep")))
+    error = rpc_error(lambda: register(client, apb.RegisterAdapterRequest(name="deep", source="deep")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "nests 100000 levels" in error.details()
     weights = (EXAMPLES / "caps" / "adapter_model.safetensors").read_bytes()
     for config in (b"[" * 100_000, b'{"r": ' * 50_000, b" " * (2 << 20)):
@@ -337,7 +348,7 @@ def test_deeply_nested_config_refused_through_register_and_upload(client, state)
 
 def test_regex_targets_that_never_finish_are_cut_short(client, state):
     started = time.monotonic()
-    error = rpc_error(lambda: client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="r", source="redos")))
+    error = rpc_error(lambda: register(client, apb.RegisterAdapterRequest(name="r", source="redos")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "target_modules" in error.details()
     assert time.monotonic() - started < 10  # Python's re takes minutes on "(.*)*x", holding the GIL
     health_check(client)
@@ -348,7 +359,7 @@ def test_regex_targets_that_never_finish_are_cut_short(client, state):
 def test_3gb_sparse_source_refused_in_seconds_state_dir_unchanged(client, state):
     before = state_files(state)
     started = time.monotonic()
-    error = rpc_error(lambda: client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="sp", source="sparse")))
+    error = rpc_error(lambda: register(client, apb.RegisterAdapterRequest(name="sp", source="sparse")))
     assert time.monotonic() - started < 3
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "3221225472 bytes" in error.details()
     assert "nothing was copied" in error.details()
@@ -368,11 +379,11 @@ def test_full_disk_is_refused_before_copying(client, server, state):
     before = state_files(state)
     registry.min_free_disk_bytes = shutil.disk_usage(state).free + (1 << 40)  # as if the disk were full
     try:
-        error = rpc_error(lambda: client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="c", source="caps")))
+        error = rpc_error(lambda: register(client, apb.RegisterAdapterRequest(name="c", source="caps")))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "free" in error.details()
-        error = rpc_error(lambda: client.upload("c", EXAMPLES / "caps"))
-        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "free" in error.details()
-        assert str(state) not in error.details()
+        error = client_error(lambda: client.upload_adapter("c", EXAMPLES / "caps"))
+        assert error.status == grpc.StatusCode.RESOURCE_EXHAUSTED and "free" in error.message
+        assert str(state) not in error.message
     finally:
         registry.min_free_disk_bytes = 0
     assert state_files(state) == before
@@ -380,22 +391,21 @@ def test_full_disk_is_refused_before_copying(client, server, state):
 
 def test_registration_stops_when_the_client_goes_away(client, state):
     before = state_files(state)
-    error = rpc_error(lambda: client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="big", source="big"),
-                                                              timeout=0.05))
+    error = rpc_error(lambda: register(client, apb.RegisterAdapterRequest(name="big", source="big"), timeout=0.05))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(3)  # before: the copy, the checks and the registration all went on for nobody
-    assert "big" not in [a.name for a in client.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters]
+    assert "big" not in [a.name for a in client.stubs.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters]
     assert state_files(state) == before
-    info = client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="big", source="big")).adapter
+    info = client.stubs.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="big", source="big")).adapter
     assert info.rank == 16 and len(info.target_modules) == 7  # the same source is fine given time
-    client.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="big"))
+    client.stubs.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="big"))
 
 
 # ---- 7: config must agree with tensors; other bases reported or refused --------------------------------
 
 def test_config_targets_must_agree_with_the_tensors(client, state):
     before = state_files(state)
-    error = rpc_error(lambda: client.adapters.RegisterAdapter(
+    error = rpc_error(lambda: client.stubs.adapters.RegisterAdapter(
         apb.RegisterAdapterRequest(name="f", source="foo_targets")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "foo_proj" in error.details() and "disagree" in error.details()
@@ -403,24 +413,24 @@ def test_config_targets_must_agree_with_the_tensors(client, state):
 
 
 def test_another_base_is_reported_or_refused_under_strict_base(client, server, state):
-    info = client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="other", source="pirate_like")).adapter
+    info = client.stubs.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="other", source="pirate_like")).adapter
     assert len(info.warnings) == 1 and "meta-llama/Llama-3.2-1B" in info.warnings[0]
-    listed = {a.name: a for a in client.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters}
+    listed = {a.name: a for a in client.stubs.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters}
     assert list(listed["other"].warnings) == list(info.warnings)
-    clean = client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="clean", source="caps")).adapter
+    clean = client.stubs.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="clean", source="caps")).adapter
     assert not clean.warnings
     registry = server.server.runtime.registry
     registry.strict_base = True  # what `loraplex serve --strict-base` sets (test_serve_flags)
     try:
         before = state_files(state)
-        error = rpc_error(lambda: client.adapters.RegisterAdapter(
+        error = rpc_error(lambda: client.stubs.adapters.RegisterAdapter(
             apb.RegisterAdapterRequest(name="other2", source="pirate_like")))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "strict-base" in error.details()
         assert state_files(state) == before
     finally:
         registry.strict_base = False
     for name in ("other", "clean"):
-        client.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name=name))
+        client.stubs.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name=name))
 
 
 def test_serve_flags_reach_the_configs():
@@ -447,13 +457,13 @@ def test_serve_flags_reach_the_configs():
 # ---- 9: deleted files removed once unused; no state-dir paths in messages ------------------------------
 
 def test_deleted_and_replaced_versions_files_go_once_unused(client, server, state):
-    client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="temp", source="caps"))
+    client.stubs.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="temp", source="caps"))
     v1 = state / "adapters" / "temp" / "v1"
-    stream = client.generation.GenerateStream(request(tokens=40, adapter="temp"))
+    stream = client.stubs.generation.GenerateStream(request(tokens=40, adapter="temp"))
     next(stream)
-    client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="temp", source="pirate_like"))  # v2
+    client.stubs.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="temp", source="pirate_like"))  # v2
     v2 = state / "adapters" / "temp" / "v2"
-    client.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="temp"))
+    client.stubs.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="temp"))
     time.sleep(2.5)  # past the settle time and a few sweeps: v1 is still used by the stream
     assert v1.is_dir() and not v2.exists()
     rest = list(stream)
@@ -467,18 +477,18 @@ def test_messages_never_show_the_state_dir(client, server, state, hostile_root, 
     weights = corrupt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     details = []
-    error = rpc_error(lambda: client.adapters.RegisterAdapter(
+    error = rpc_error(lambda: client.stubs.adapters.RegisterAdapter(
         apb.RegisterAdapterRequest(name="cw", source="corrupt_weights")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and str(corrupt) in error.details()  # the caller's path
     details.append(error.details())
-    error = rpc_error(lambda: client.upload("cw", corrupt))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter_model.safetensors" in error.details()
-    details.append(error.details())
+    error = client_error(lambda: client.upload_adapter("cw", corrupt))
+    assert error.status == grpc.StatusCode.INVALID_ARGUMENT and "adapter_model.safetensors" in error.message
+    details.append(error.message)
     bad_base = caps_copy(hostile_root / "cw_target")
     (bad_base / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["x"]}))
-    details.append(rpc_error(lambda: client.upload("cw", bad_base)).details())
-    client.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="gone", source="caps"))
-    deleted = client.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="gone")).adapter
+    details.append(client_error(lambda: client.upload_adapter("cw", bad_base)).message)
+    client.stubs.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="gone", source="caps"))
+    deleted = client.stubs.adapters.DeleteAdapter(apb.DeleteAdapterRequest(name="gone")).adapter
     assert deleted.source == str(hostile_root / "caps")
     details.append(deleted.source)
     for text in details:

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from loraplex.server.config import ServiceConfig
-from loraplex.server.service.client import Client, ClientConfig, chat_request
+from loraplex.client import Client, ClientConfig
 from loraplex.v1 import generation_pb2 as gpb
 
-from .conftest import ServerThread, engine_config_for_tests, free_port, register_examples, wait_for
+from .conftest import ServerThread, chat_request, engine_config_for_tests, free_port, register_examples, wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "loraplex.json"
@@ -122,7 +122,7 @@ def _load(target: str, seconds: float) -> int:
                           else {"adapters": [gpb.AdapterWeight(name="caps", weight=0.5)]} if kind == 5 else {})
                 stopping = gpb.StoppingCriteria(max_new_tokens=6, ignore_eos=True)
                 try:
-                    client.generation.Generate(chat_request("Name a color.", stopping=stopping, **fields))
+                    client.stubs.generation.Generate(chat_request("Name a color.", stopping=stopping, **fields))
                 except grpc.RpcError as exc:
                     if kind != 4 or exc.code() != grpc.StatusCode.NOT_FOUND:
                         errors.append(exc)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import ssl
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -13,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loraplex.client import Client, ClientConfig
 from loraplex.server.config import ServiceConfig
-from loraplex.server.service.client import Client, ClientConfig
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 
@@ -55,12 +59,12 @@ def test_tokens_guard_each_service_separately(token_server, token, admin, genera
     with Client(ClientConfig(target=token_server.target, token=token or None, timeout=30)) as client:
         if token == "":
             client.metadata = (("authorization", "Bearer "),)
-        assert status_of(lambda: client.call(client.adapters.ListAdapters, apb.ListAdaptersRequest())) == admin
-        upload = status_of(lambda: client.call(client.adapters.UploadAdapter, iter([apb.UploadAdapterRequest(
+        assert status_of(lambda: client.call(client.stubs.adapters.ListAdapters, apb.ListAdaptersRequest())) == admin
+        upload = status_of(lambda: client.call(client.stubs.adapters.UploadAdapter, iter([apb.UploadAdapterRequest(
             name="x", file_name="adapter_config.json", data=b"{}")])))
         assert upload == (grpc.StatusCode.INVALID_ARGUMENT if admin == grpc.StatusCode.OK else admin)  # past auth
-        assert status_of(lambda: client.call(client.generation.ModelInfo, gpb.ModelInfoRequest())) == generation
-        stream = lambda: list(client.call(client.generation.GenerateStream, gpb.GenerateRequest(  # noqa: E731
+        assert status_of(lambda: client.call(client.stubs.generation.ModelInfo, gpb.ModelInfoRequest())) == generation
+        stream = lambda: list(client.call(client.stubs.generation.GenerateStream, gpb.GenerateRequest(  # noqa: E731
             prompt="Hi", stopping=gpb.StoppingCriteria(max_new_tokens=1))))
         assert status_of(stream) == generation
 
@@ -117,14 +121,14 @@ def pki(tmp_path_factory):
 
 def _model_info(config: ClientConfig) -> grpc.StatusCode:
     with Client(config) as client:
-        return status_of(lambda: client.call(client.generation.ModelInfo, gpb.ModelInfoRequest()))
+        return status_of(lambda: client.call(client.stubs.generation.ModelInfo, gpb.ModelInfoRequest()))
 
 
 @pytest.mark.parametrize("mtls", [False, True], ids=["tls", "mtls"])
 def test_tls_and_mtls(smol_fp32, tmp_path, pki, mtls):
     cert, key = pki["server"]
-    server = ServerThread(ServiceConfig(port=0, metrics_port=None, state_dir=str(tmp_path / "state"), tls_cert=cert,
-                                        tls_key=key, tls_ca=pki["ca"] if mtls else None),
+    server = ServerThread(ServiceConfig(port=0, http_port=0, metrics_port=None, state_dir=str(tmp_path / "state"),
+                                        tls_cert=cert, tls_key=key, tls_ca=pki["ca"] if mtls else None),
                           engine_config_for_tests(tmp_path / "cache"), smol_fp32)
     try:
         target = server.target
@@ -143,5 +147,23 @@ def test_tls_and_mtls(smol_fp32, tmp_path, pki, mtls):
             assert _model_info(verified) == grpc.StatusCode.OK
         wrong_root = ClientConfig(target=target, tls_ca=pki["stranger"][0], timeout=5)
         assert _model_info(wrong_root) == grpc.StatusCode.UNAVAILABLE  # the server's certificate is not trusted
+        with Client(with_cert) as client:
+            assert client.model_info().base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        _check_https(server.server.http_port, pki, mtls)
     finally:
         server.stop()
+
+
+def _check_https(port: int, pki, mtls: bool) -> None:
+    """The HTTP API takes the same certificates: TLS only, and client certificates under mTLS."""
+    models = f"https://127.0.0.1:{port}/v1/models"
+    trusted = ssl.create_default_context(cafile=pki["ca"])  # the certificate names 127.0.0.1
+    with_cert = ssl.create_default_context(cafile=pki["ca"])
+    with_cert.load_cert_chain(*pki["client"])
+    with urllib.request.urlopen(models, context=with_cert, timeout=10) as reply:
+        assert json.loads(reply.read())["data"][0]["id"] == "base"
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(models.replace("https", "http"), timeout=10).read()
+    if mtls:
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            urllib.request.urlopen(models, context=trusted, timeout=10).read()

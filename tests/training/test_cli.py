@@ -68,7 +68,7 @@ def test_register_uploads_the_trained_adapter_to_a_running_server(capsys, tmp_pa
     """A real server on the same (tiny) base: train 2 steps with --register, the adapter is served."""
     from loraplex.server.config import ModelConfig, ServiceConfig
     from loraplex.server.model.loader import load_model
-    from loraplex.server.service.client import Client, ClientConfig
+    from loraplex.client import Client, ClientConfig
     from loraplex.v1 import adapters_pb2, generation_pb2
 
     from ..service.conftest import ServerThread, engine_config_for_tests
@@ -90,10 +90,10 @@ def test_register_uploads_the_trained_adapter_to_a_running_server(capsys, tmp_pa
         assert run_train(parse([*argv, "--overwrite", "--token-file", str(token)])) == 0
         assert "registered 'tiny-adapter' version 1" in capsys.readouterr().out
         with Client(ClientConfig(target=server.target, token="s3cret")) as client:
-            info = client.adapters.GetAdapter(adapters_pb2.GetAdapterRequest(name="tiny-adapter"),
-                                              metadata=client.metadata)
+            info = client.stubs.adapters.GetAdapter(adapters_pb2.GetAdapterRequest(name="tiny-adapter"),
+                                              metadata=client.config.metadata)
             assert info.adapter.rank == 4
-            reply = client.generation.Generate(generation_pb2.GenerateRequest(
+            reply = client.stubs.generation.Generate(generation_pb2.GenerateRequest(
                 prompt="hello", adapter="tiny-adapter",
                 stopping=generation_pb2.StoppingCriteria(max_new_tokens=3, ignore_eos=True)))
             assert len(reply.token_ids) == 3 and reply.adapter_version == "tiny-adapter@1"
