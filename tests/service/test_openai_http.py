@@ -229,7 +229,8 @@ def test_unknown_models_are_404(oai):
             assert (status, error["param"], error["code"]) == (404, "model", "model_not_found")
             assert model.partition("@")[0] in error["message"]
     status, error = error_of(lambda: oai.chat.completions.create(
-        model="base", messages=CHAT, extra_body={"adapters": [{"name": "caps", "weight": 1}, {"name": "x", "weight": 1}]}))
+        model="base", messages=CHAT,
+        extra_body={"adapters": [{"name": "caps", "weight": 1}, {"name": "x", "weight": 1}]}))
     assert (status, error["param"]) == (404, "adapters[1].name")
 
 
