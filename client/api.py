@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.server.adapters.sources import ADAPTER_FILES
 from loraplex.server.errors import ConfigError
@@ -54,6 +54,11 @@ class Methods:
         return self._unary(self.stubs.generation.Tokenize,
                            convert.tokenize_request(text, messages=messages, return_tokens=return_tokens),
                            convert.tokens, timeout)
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The health service's status name for `service` ("" = the whole server): SERVING, NOT_SERVING, ..."""
+        return self._unary(self.stubs.health.Check, health_pb2.HealthCheckRequest(service=service),
+                           lambda reply: health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), timeout)
 
     def model_info(self, *, timeout: float | None = None):
         return self._unary(self.stubs.generation.ModelInfo, gpb.ModelInfoRequest(), convert.model_info, timeout)

@@ -42,13 +42,15 @@ def commands() -> list:
     """(add_parser, run) per subcommand. A new one is an import and a pair, e.g.
     `from loraplex.training.cli import add_train_parser, run_train` and `(add_train_parser, run_train)`."""
     from .bench.cli import add_bench_parser, run_bench
-    from .service.client_cmds import add_adapters_parser, add_generate_parser, run_adapters, run_generate
+    from .service.client_cmds import (add_adapters_parser, add_generate_parser, add_health_parser, run_adapters,
+                                      run_generate, run_health)
     from .service.serve_cmd import add_serve_parser, run_serve
     from loraplex.export.cli import add_export_parser, run_export
     from loraplex.training.cli import add_train_parser, run_train
 
     return [(add_serve_parser, run_serve), (add_generate_parser, run_generate),
-            (add_adapters_parser, run_adapters), (add_demo_parser, run_demo), (add_bench_parser, run_bench),
+            (add_adapters_parser, run_adapters), (add_health_parser, run_health), (add_demo_parser, run_demo),
+            (add_bench_parser, run_bench),
             (add_train_parser, run_train), (add_export_parser, run_export)]
 
 

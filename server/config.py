@@ -171,6 +171,9 @@ class ServiceConfig:
     """0 = any free port (the server reports the one it bound)."""
     http_port: int | None = None
     """OpenAI-compatible HTTP API on `host` (server/openai_api/); 0 = any free port, None = none."""
+    health_port: int | None = None
+    """A second, plaintext listener on `host` with the gRPC health service only: what Kubernetes' gRPC probes
+    and container HEALTHCHECKs reach when the main port speaks TLS; 0 = any free port, None = none."""
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9400
     """Prometheus text at http://metrics_host:metrics_port/metrics; 0 = any free port, None = none."""
@@ -211,7 +214,7 @@ class ServiceConfig:
 
     def __post_init__(self):
         problems = []
-        for name in ("port", "http_port", "metrics_port"):
+        for name in ("port", "http_port", "health_port", "metrics_port"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name}={getattr(self, name)} (0..65535)")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -68,6 +68,20 @@ def add_adapters_parser(sub) -> None:
         _add_client_args(q)
 
 
+def add_health_parser(sub) -> None:
+    p = sub.add_parser("health", help="exit 0 when a server's gRPC health check says SERVING (probes, HEALTHCHECK)",
+                       description="Ask a server's gRPC health service; exit status 0 when SERVING, 1 otherwise.")
+    p.add_argument("--service", default="", help="a service name (default: the whole server)")
+    _add_client_args(p)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    with _client(args, "LORAPLEX_GENERATION_TOKEN") as client:
+        status = client.health(args.service, timeout=args.timeout or 5.0)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def parse_mix(text: str) -> list[tuple[str, float]]:
     parts = []
     for item in text.split(","):

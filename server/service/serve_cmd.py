@@ -34,6 +34,8 @@ def add_serve_parser(sub) -> None:
     add("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     add("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on --host at this port "
         "(0 = any free port; default: no HTTP)")
+    add("--health-port", type=int, help="also serve the gRPC health service alone, in plaintext, on this port "
+        "(probes and HEALTHCHECKs when the main port speaks TLS; 0 = any free port)")
     add("--metrics-host", default="127.0.0.1", help="metrics listen address")
     add("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0 = any free port)")
     add("--no-metrics", action="store_true", help="serve no metrics endpoint")
@@ -75,7 +77,8 @@ def add_serve_parser(sub) -> None:
 def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineConfig]:
     """Service settings first: their mistakes are reported before torch is even imported."""
     service = ServiceConfig(
-        host=args.host, port=args.port, http_port=args.http_port, metrics_host=args.metrics_host,
+        host=args.host, port=args.port, http_port=args.http_port, health_port=args.health_port,
+        metrics_host=args.metrics_host,
         metrics_port=None if args.no_metrics else args.metrics_port, state_dir=args.state_dir,
         adapter_roots=tuple(str(Path(r).expanduser().resolve()) for r in args.adapter_root or ()),
         admin_tokens=read_tokens(args.admin_token_file, "LORAPLEX_ADMIN_TOKEN"),
@@ -115,7 +118,9 @@ def run_serve(args: argparse.Namespace) -> int:
             if server.metrics_port else ""
         scheme = "https" if service.tls_cert else "http"
         http = f", OpenAI-compatible HTTP on {scheme}://{service.host}:{server.http_port}/v1" if server.http_port else ""
-        print(f"loraplex: serving on {service.host}:{server.port}{http}{metrics}", file=sys.stderr, flush=True)
+        health = f", plaintext health on {service.host}:{server.health_port}" if server.health_port else ""
+        print(f"loraplex: serving on {service.host}:{server.port}{http}{health}{metrics}", file=sys.stderr,
+              flush=True)
 
     asyncio.run(serve(service, engine, on_ready=ready))
     return 0

@@ -55,6 +55,17 @@ def server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind `address` (TLS with credentials, else plaintext); a ConfigError naming it when that fails."""
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address} ({exc})") from None
+    if not port:
+        raise ConfigError(f"cannot listen on {address} (in use?)")
+    return port
+
+
 class LoraplexServer:
     def __init__(self, config: ServiceConfig, engine_config: EngineConfig, loaded=None):
         self.config, self.engine_config, self.loaded = config, engine_config, loaded
@@ -65,9 +76,11 @@ class LoraplexServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.http_port: int | None = None
+        self.health_port: int | None = None
         self.metrics_port: int | None = None
         self._http = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._flusher: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
 
@@ -85,36 +98,17 @@ class LoraplexServer:
         reflection.enable_server_reflection(
             [GENERATION_SERVICE, ADAPTERS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{config.host}:{config.port}"
         credentials = server_credentials(config)
-        try:
-            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {address} ({exc})") from None
-        if not port:
-            raise ConfigError(f"cannot listen on {address} (in use?)")
+        port = _listen(server, f"{config.host}:{config.port}", credentials)
         await server.start()
         self._server, self.port = server, port
-        if config.http_port is not None:
-            from ..openai_api.server import HttpServer  # FastAPI and uvicorn only when HTTP is asked for
-
-            self._http = HttpServer(config, self.runtime, Generations(self.runtime))
-            try:
-                self.http_port = await self._http.start()
-            except ConfigError:
-                await server.stop(None)
-                raise
-        if self.runtime.metrics is not None:
-            try:
-                self.metrics_port = self.runtime.metrics.serve(config.metrics_host, config.metrics_port)
-            except OSError as exc:
-                await server.stop(None)
-                if self._http is not None:
-                    await self._http.stop()
-                raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port} "
-                                  f"({exc.strerror})") from None
-        log.info("listening on %s:%d (%s), HTTP on %s, metrics on %s", config.host, port,
-                 "TLS" if credentials else "plaintext", self.http_port or "off",
+        try:
+            await self._start_side_listeners()
+        except ConfigError:
+            await self._stop_listeners()
+            raise
+        log.info("listening on %s:%d (%s), HTTP on %s, health-only on %s, metrics on %s", config.host, port,
+                 "TLS" if credentials else "plaintext", self.http_port or "off", self.health_port or "off",
                  f"{config.metrics_host}:{self.metrics_port}" if self.metrics_port else "off")
 
     async def load(self) -> None:
@@ -148,16 +142,48 @@ class LoraplexServer:
                 task.cancel()
         if engine is not None:
             await asyncio.to_thread(engine.stop, grace)  # running requests finish, or are cancelled at `grace`
-        if self._server is not None:
-            await self._server.stop(1.0)  # handlers send their last messages
-        if self._http is not None:
-            await self._http.stop()
+        await self._stop_listeners()
         if registry is not None:
             await asyncio.to_thread(registry.save)
         if self.runtime.metrics is not None:
             self.runtime.metrics.close()
         self.runtime.workers.close()
         log.info("stopped")
+
+    async def _start_side_listeners(self) -> None:
+        """Plaintext health, HTTP API and metrics beside the gRPC port (each only when configured)."""
+        config = self.config
+        if config.health_port is not None:
+            self._health_server, self.health_port = await self._start_health_listener()
+        if config.http_port is not None:
+            from ..openai_api.server import HttpServer  # FastAPI and uvicorn only when HTTP is asked for
+
+            self._http = HttpServer(config, self.runtime, Generations(self.runtime))
+            self.http_port = await self._http.start()
+        if self.runtime.metrics is not None:
+            try:
+                self.metrics_port = self.runtime.metrics.serve(config.metrics_host, config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port} "
+                                  f"({exc.strerror})") from None
+
+    async def _stop_listeners(self) -> None:
+        """gRPC (handlers get a second for their last messages), health, HTTP: after the drain or a failed start."""
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+        if self._http is not None:
+            await self._http.stop()
+
+    async def _start_health_listener(self) -> tuple[grpc.aio.Server, int]:
+        """The health service alone, plaintext, sharing this server's HealthServicer (so it turns NOT_SERVING
+        with the drain): Kubernetes' gRPC probes cannot speak TLS."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        port = _listen(server, f"{self.config.host}:{self.config.health_port}", None)
+        await server.start()
+        return server, port
 
     async def _set_health(self, status) -> None:
         for service in ("", GENERATION_SERVICE, ADAPTERS_SERVICE):

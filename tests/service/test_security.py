@@ -167,3 +167,28 @@ def _check_https(port: int, pki, mtls: bool) -> None:
     if mtls:
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
             urllib.request.urlopen(models, context=trusted, timeout=10).read()
+
+
+def test_plaintext_health_port_beside_mtls(smol_fp32, tmp_path, pki, capsys):
+    """Kubernetes' gRPC probes and `loraplex health` in a HEALTHCHECK speak plaintext: --health-port serves the
+    health service alone there, while every other call still needs TLS and a client certificate."""
+    from loraplex.server.cli import main
+
+    cert, key = pki["server"]
+    server = ServerThread(ServiceConfig(port=0, health_port=0, metrics_port=None, state_dir=str(tmp_path / "state"),
+                                        tls_cert=cert, tls_key=key, tls_ca=pki["ca"]),
+                          engine_config_for_tests(tmp_path / "cache"), smol_fp32)
+    health_target = f"127.0.0.1:{server.server.health_port}"
+    try:
+        assert server.server.health_port not in (None, 0, server.server.port)
+        capsys.readouterr()
+        assert main(["health", "--server", health_target]) == 0 and capsys.readouterr().out.strip() == "SERVING"
+        assert main(["health", "--server", health_target, "--service", "loraplex.v1.Generation"]) == 0
+        with Client(ClientConfig(target=health_target, timeout=5)) as client:  # nothing else on that port
+            code = status_of(lambda: client.call(client.stubs.generation.ModelInfo, gpb.ModelInfoRequest()))
+            assert code == grpc.StatusCode.UNIMPLEMENTED
+        assert main(["health", "--server", server.target, "--timeout", "3"]) == 1  # the TLS port: no plaintext
+        assert "UNAVAILABLE" in capsys.readouterr().err
+    finally:
+        server.stop()
+    assert main(["health", "--server", health_target, "--timeout", "2"]) == 1  # gone with the server
