@@ -60,6 +60,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request = convert.request_from_proto(message, started + remaining if remaining is not None else None)
             check_sizes(request, engine.limits)
             label = self._label(request, registered=False)
+            names = [request.adapter] if request.adapter else [a.name for a in request.adapters]
+            if self.runtime.first_use is not None:  # an unregistered name a rule takes is registered first, once
+                await self.runtime.first_use.ensure(names)
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[GenerationChunk] = asyncio.Queue()
 
@@ -72,8 +75,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             handle = await self.runtime.workers.run(engine.submit, request, listener,
                                                     on_orphan=lambda orphan: orphan.cancel())
             label = self._label(request)  # the name is known now: it may take one of the capped labels
-            self.runtime.registry.record_use([request.adapter] if request.adapter else
-                                             [a.name for a in request.adapters])
+            self.runtime.registry.record_use(names)
             while True:
                 chunk = await chunks.get()
                 if chunk.token_ids:
