@@ -367,8 +367,12 @@ class AdapterRegistry:
         return entry
 
     def is_registered(self, name: str) -> bool:
-        with self._lock:
-            return name in self._records
+        """Whether requests naming `name` resolve now (the engine's catalog, which a registration fills last)."""
+        try:
+            self.engine.catalog.get(name)
+        except AdapterNotFound:
+            return False
+        return True
 
     def _record(self, name: str) -> dict:
         record = self._records.get(name)

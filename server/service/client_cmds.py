@@ -59,7 +59,8 @@ def add_adapters_parser(sub) -> None:
         q = actions.add_parser(action, help=help)
         q.add_argument("name", metavar="NAME")
         _add_client_args(q)
-    for action, help in (("register", "from PATH on the server's disk, inside its --adapter-root"),
+    for action, help in (("register", "from PATH on the server's disk, inside its --adapter-root, or from "
+                                      "hf://org/repo[@revision] or s3://bucket/prefix"),
                          ("upload", "send the PEFT folder PATH from this machine")):
         q = actions.add_parser(action, help=help)
         q.add_argument("name", metavar="NAME")

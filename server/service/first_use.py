@@ -32,6 +32,8 @@ class FirstUseLoader:
         self.rules, self.registry, self.should_stop = rules, registry, should_stop
         self.registrations = 0
         """Registrations started here (the tests count them)."""
+        self.joined = 0
+        """Requests that waited for a registration another request had started."""
         self._in_flight: dict[str, asyncio.Task] = {}
 
     async def ensure(self, names: Iterable[str]) -> None:
@@ -52,6 +54,8 @@ class FirstUseLoader:
                                                            should_stop=self.should_stop))
             self._in_flight[name] = task
             task.add_done_callback(lambda done: self._finished(name, done))
+        else:
+            self.joined += 1
         try:
             await asyncio.shield(task)
         except LoraplexError as exc:

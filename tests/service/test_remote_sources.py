@@ -20,11 +20,11 @@ from loraplex.server.adapters.peft_format import read_lora_config
 from loraplex.server.adapters.sources import ADAPTER_FILES
 from loraplex.server.config import ServiceConfig
 from loraplex.server.errors import ConfigError
-from loraplex.server.service.client import Client, ClientConfig, chat_request
+from loraplex.server.service.client import chat_request
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
 
-from .conftest import PROMPTS, ServerThread, engine_config_for_tests, free_port
+from .conftest import PROMPTS, ServerThread, engine_config_for_tests, free_port, wait_for
 from .hub_server import HubServer
 
 BUCKET = "adapters"
@@ -78,8 +78,8 @@ def s3(stores_env, adapter_root):
 @pytest.fixture(scope="module")
 def hub(stores_env, adapter_root):
     caps = adapter_root / "caps"
-    server = HubServer({"acme/caps": caps, "slow/slow-caps": caps, "acme/huge": caps},
-                       seconds_per_chunk={"slow/slow-caps": SECONDS_PER_CHUNK},
+    server = HubServer({"acme/caps": caps, "slow/slow-caps": caps, "slow/gone": caps, "acme/huge": caps},
+                       seconds_per_chunk={"slow/slow-caps": SECONDS_PER_CHUNK, "slow/gone": SECONDS_PER_CHUNK},
                        announced_sizes={("acme/huge", "adapter_model.safetensors"): 3 << 30})
     yield server
     server.stop()
@@ -95,12 +95,6 @@ def server(smol_fp32, adapter_root, s3, hub, tmp_path_factory):
                            smol_fp32)
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(ClientConfig(target=server.target, timeout=120)) as c:
-        yield c
 
 
 def staging_files(server) -> list:
@@ -124,7 +118,8 @@ def test_50_first_requests_for_one_name_register_it_once(client, server):
     futures = [client.generation.Generate.future(request("lazy-caps", tokens=2), timeout=120) for _ in range(50)]
     results = [future.result() for future in futures]
     assert {r.adapter_version for r in results} == {"lazy-caps@1"}
-    assert server.server.runtime.first_use.registrations == 1
+    first_use = server.server.runtime.first_use
+    assert first_use.registrations == 1 and first_use.joined == 49  # they did arrive together
     info = client.adapters.GetAdapter(apb.GetAdapterRequest(name="lazy-caps")).adapter
     assert (info.version, info.source) == (1, "s3://adapters/lazy-caps")
     register(client, "caps-folder", "caps")
@@ -173,6 +168,17 @@ def test_slow_source_does_not_delay_running_requests(client, server, hub):
     step = statistics.median(before)
     assert max(during) <= max(before) + step + 0.02, (step, max(before), sorted(during)[-5:])
     assert statistics.median(during) <= 1.5 * step, (step, statistics.median(during))
+
+
+def test_a_download_stops_when_its_client_goes_away(client, server, hub):
+    call = lambda: client.adapters.RegisterAdapter(  # noqa: E731
+        apb.RegisterAdapterRequest(name="gone", source="hf://slow/gone"), timeout=0.5)
+    assert rpc_error(call).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: not staging_files(server), timeout=2.0)
+    time.sleep(3 * SECONDS_PER_CHUNK)
+    assert any(path.startswith("/slow/gone/") for path in hub.gets)
+    assert not [path for path in hub.sent if path.startswith("/slow/gone/") and path.endswith(".safetensors")]
+    assert not _registered(client, "gone")
 
 
 def test_bad_sources_are_refused_naming_the_field(client, server, hub):
