@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import statistics
 import threading
 import time
@@ -78,7 +79,8 @@ def s3(stores_env, adapter_root):
 @pytest.fixture(scope="module")
 def hub(stores_env, adapter_root):
     caps = adapter_root / "caps"
-    server = HubServer({"acme/caps": caps, "slow/slow-caps": caps, "slow/gone": caps, "acme/huge": caps},
+    server = HubServer({"acme/caps": caps, "slow/slow-caps": caps, "slow/gone": caps, "acme/huge": caps,
+                        "acme/full": caps},
                        seconds_per_chunk={"slow/slow-caps": SECONDS_PER_CHUNK, "slow/gone": SECONDS_PER_CHUNK},
                        announced_sizes={("acme/huge", "adapter_model.safetensors"): 3 << 30})
     yield server
@@ -205,6 +207,19 @@ def test_oversized_objects_are_refused_before_they_are_fetched(client, server, s
         assert "nothing was copied" in error.details(), error.details()
     assert not [path for path in hub.gets if path.startswith("/acme/huge/") and path.endswith(".safetensors")]
     assert not staging_files(server) and not _registered(client, "huge")
+
+
+def test_full_disk_is_refused_before_the_weights_are_fetched(client, server, hub):
+    registry = server.server.runtime.registry
+    registry.min_free_disk_bytes = shutil.disk_usage(registry.state_dir).free + (1 << 40)  # as if the disk were full
+    try:
+        for source in ("hf://acme/full", "s3://adapters/caps"):
+            error = rpc_error(lambda: register(client, "full", source))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "free" in error.details()
+    finally:
+        registry.min_free_disk_bytes = 0
+    assert not [path for path in hub.gets if path.startswith("/acme/full/") and path.endswith(".safetensors")]
+    assert not staging_files(server) and not _registered(client, "full")
 
 
 def test_offline_hub_reads_only_its_cache(client, server, hub, stores_env):
