@@ -148,6 +148,8 @@ class LoraplexServer:
         if self.runtime.metrics is not None:
             self.runtime.metrics.close()
         self.runtime.workers.close()
+        if self.runtime.first_use is not None:
+            self.runtime.first_use.close()
         log.info("stopped")
 
     async def _set_health(self, status) -> None:
