@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .adapters.source_rules import parse_rule
 from .errors import ConfigError
 
 QUANTIZATIONS = ("nf4", "bf16", "fp16", "none")
@@ -211,6 +212,17 @@ class ServiceConfig:
     strict_base: bool = False
     """Refuse adapters whose adapter_config.json names another base model (or none); default: register
     them with a warning in AdapterInfo.warnings and the log."""
+    adapter_sources: tuple[str, ...] = ()
+    """`PATTERN=SOURCE` rules (adapters/source_rules.py): an unknown adapter name a request asks for is
+    registered on first use from the first rule that matches it, once however many requests ask together."""
+    hf_endpoint: str | None = None
+    """Hub for hf:// sources; None = huggingface_hub's (HF_ENDPOINT, else huggingface.co)."""
+    hf_cache_dir: str | None = None
+    """huggingface_hub cache read before downloading (offline: only it); None = HF_HUB_CACHE."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for s3:// sources; None = boto3's (AWS_ENDPOINT_URL, else AWS)."""
+    s3_region: str | None = None
+    """Region for s3:// sources; None = boto3's (AWS_DEFAULT_REGION, else us-east-1)."""
 
     def __post_init__(self):
         problems = []
@@ -238,4 +250,9 @@ class ServiceConfig:
             problems.append(f"min_free_disk_bytes={self.min_free_disk_bytes} (>= 0)")
         if not self.state_dir:
             problems.append("state_dir is empty")
+        for text in self.adapter_sources:
+            try:
+                parse_rule(text)
+            except ValueError as exc:
+                problems.append(str(exc))
         _raise_if(problems, "service config")

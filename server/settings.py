@@ -32,6 +32,8 @@ class _Option:
     env: str
     kind: str
     """value, flag (store_true) or list (repeatable)."""
+    sep: str | None = os.pathsep
+    """What separates a list's items in the environment (None: whitespace)."""
 
 
 class Layers:
@@ -40,7 +42,7 @@ class Layers:
         self.options: dict[str, _Option] = {}
 
     def add(self, parser: argparse.ArgumentParser, *flags: str, default=None, type=str, env: str | None = None,
-            action: str | None = None, help: str = "", **kwargs) -> None:
+            action: str | None = None, help: str = "", sep: str | None = os.pathsep, **kwargs) -> None:
         kind = {"store_true": "flag", "append": "list"}.get(action or "", "value")
         dest = kwargs.pop("dest", None) or flags[0].lstrip("-").replace("-", "_")
         env = env or self.env_prefix + dest.upper()
@@ -50,7 +52,7 @@ class Layers:
             parser.add_argument(*flags, dest=dest, action="store_true", default=None, help=help, **kwargs)
         else:
             parser.add_argument(*flags, dest=dest, action=action, type=type, default=None, help=help, **kwargs)
-        self.options[dest] = _Option(dest, default, type, env, kind)
+        self.options[dest] = _Option(dest, default, type, env, kind, sep)
         parser.set_defaults(_layers=self)
 
     def resolve(self, args: argparse.Namespace, config: dict, environ=os.environ) -> None:
@@ -75,7 +77,7 @@ class Layers:
                 raise ConfigError(f"{option.env}={raw!r}: expected one of {', '.join(_TRUE + _FALSE)}")
             return raw.lower() in _TRUE
         if option.kind == "list":
-            return [self._convert(option, part, option.env) for part in raw.split(os.pathsep) if part]
+            return [self._convert(option, part, option.env) for part in raw.split(option.sep) if part]
         return self._convert(option, raw, option.env)
 
     def _from_file(self, option: _Option, value):

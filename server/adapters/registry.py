@@ -15,7 +15,10 @@ it (requests still running on it may need to reload it). On start, every recorde
 registered again under its own version (pinned ones pinned, so preloaded), and folders no record
 names are removed.
 
-Messages name the caller's own paths (its source folder, or the file names of an upload), never the
+Sources may also be remote (hf://, s3://; adapters/remote.py): fetched into staging with the same
+bounds, recorded as resolved (a hub revision as its commit) with the weights' sha256 like any other.
+
+Messages name the caller's own paths (its source folder or URL, or the file names of an upload), never the
 state dir. An adapter whose config names another base model (of the same shapes) is registered with
 a warning (AdapterInfo.warnings, the log), or refused with `strict_base`.
 """
@@ -36,6 +39,7 @@ from ..errors import AdapterMismatch, AdapterNotFound, FailedPrecondition, Inval
 from .catalog import AdapterEntry
 from .loader import load_adapter, max_weights_bytes, rank_over_max
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, base_model_warning, read_lora_config
+from .remote import RemoteStores, is_remote, open_remote, stage_remote
 from .sources import TooLarge, check_name, copy_source, remove_tree, resolve_source, source_files, stop_if
 from .types import check_fits
 from .upload import UploadWriter
@@ -67,8 +71,10 @@ class AdapterStatus:
 
 class AdapterRegistry:
     def __init__(self, engine, state_dir: str | Path, adapter_roots: list[str | Path], max_upload_bytes: int,
-                 min_free_disk_bytes: int = 0, strict_base: bool = False):
+                 min_free_disk_bytes: int = 0, strict_base: bool = False, stores: RemoteStores = RemoteStores()):
         self.engine = engine
+        self.stores = stores
+        """Where hf:// and s3:// sources are fetched from."""
         self.state_dir = Path(state_dir)
         self.roots = [Path(r) for r in adapter_roots]
         self.max_upload_bytes = max_upload_bytes
@@ -150,9 +156,12 @@ class AdapterRegistry:
     # ---- registration ----
     def register(self, name: str, source: str, pin: bool = False, preload: bool = False,
                  should_stop: Callable[[], bool] | None = None) -> AdapterEntry:
-        """From a folder inside the adapter roots. `should_stop()`: true once the caller went away; the
-        copy and every later step then stop (Cancelled) and leave nothing behind."""
+        """From a folder inside the adapter roots, hf://org/repo[@revision] or s3://bucket/prefix.
+        `should_stop()`: true once the caller went away; the copy and every later step then stop
+        (Cancelled) and leave nothing behind."""
         check_name(name)
+        if is_remote(source):
+            return self._register_remote(name, source, pin, preload, should_stop)
         folder = resolve_source(source, self.roots)
         engine = self.engine
         config = read_lora_config(folder, name, str(folder))  # size- and depth-bounded
@@ -185,14 +194,29 @@ class AdapterRegistry:
         staging.mkdir(parents=True)
         return staging
 
-    def upload_writer(self) -> UploadWriter:
-        engine = self.engine
+    def _register_remote(self, name: str, source: str, pin: bool, preload: bool,
+                         should_stop: Callable[[], bool] | None) -> AdapterEntry:
+        remote = open_remote(source, self.stores)
+        stop_if(should_stop)
+        staging = self.new_staging()
+        try:
+            stage_remote(remote, staging, lambda path: self._weights_limit(path, name, remote.shown), self.check_free,
+                         should_stop)
+        except BaseException:
+            remove_tree(staging)
+            raise
+        return self.register_staged(name, staging, remote.resolved, pin=pin, preload=preload,
+                                    should_stop=should_stop, shown_as=remote.shown)
 
-        def weights_limit(config_path: Path) -> tuple[int, Exception | None]:
-            config = read_lora_config(config_path.parent, "upload", "")
-            max_rank = engine.config.lora.max_lora_rank
-            return max_weights_bytes(config, engine.arch, max_rank), rank_over_max(config, max_rank, "upload")
-        return UploadWriter(self.new_staging(), self.max_upload_bytes, weights_limit=weights_limit,
+    def _weights_limit(self, config_path: Path, name: str, shown_as: str) -> tuple[int, Exception | None]:
+        """(most bytes the weights may have given the staged config, the error that explains a larger file)."""
+        config = read_lora_config(config_path.parent, name, shown_as)
+        max_rank = self.engine.config.lora.max_lora_rank
+        return max_weights_bytes(config, self.engine.arch, max_rank), rank_over_max(config, max_rank, name)
+
+    def upload_writer(self) -> UploadWriter:
+        return UploadWriter(self.new_staging(), self.max_upload_bytes,
+                            weights_limit=lambda path: self._weights_limit(path, "upload", ""),
                             check_free=self.check_free)
 
     def _warnings(self, name: str, weights) -> list[str]:
@@ -341,6 +365,14 @@ class AdapterRegistry:
             entry = self.engine.pin_adapter(name, pinned)
         self.engine.run_on_engine_thread(lambda: None)  # the pin happens between steps: wait for it
         return entry
+
+    def is_registered(self, name: str) -> bool:
+        """Whether requests naming `name` resolve now (the engine's catalog, which a registration fills last)."""
+        try:
+            self.engine.catalog.get(name)
+        except AdapterNotFound:
+            return False
+        return True
 
     def _record(self, name: str) -> dict:
         record = self._records.get(name)

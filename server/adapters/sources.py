@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from ..errors import Cancelled, FailedPrecondition, InvalidAdapter, InvalidArgument
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES
@@ -105,18 +105,32 @@ def copy_source(files: dict[str, Path], staging: Path, limits: dict[str, int],
     refuses a file that grows past its limit or changes while it is copied."""
     for file_name, real in files.items():
         before = _stamp(real)
-        copied = 0
-        with open(real, "rb") as src, open(staging / file_name, "wb") as dst:
-            while chunk := src.read(COPY_CHUNK_BYTES):
-                stop_if(should_stop)
-                copied += len(chunk)
-                if copied > limits[file_name]:
-                    raise InvalidAdapter(f"source: {real} grew past {limits[file_name]} bytes while it was copied")
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
+        copied = write_chunks(file_chunks(real), staging / file_name, limits[file_name], str(real), should_stop)
         if _stamp(real) != before or copied != before[1]:
             raise InvalidAdapter(f"source: {real} changed while it was being copied; retry")
+
+
+def file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as src:
+        while chunk := src.read(COPY_CHUNK_BYTES):
+            yield chunk
+
+
+def write_chunks(chunks: Iterable[bytes], dst: Path, limit: int, shown: str,
+                 should_stop: Callable[[], bool] | None = None) -> int:
+    """Write `chunks` to `dst` (synced) and return the byte count; checks `should_stop()` before each chunk
+    (Cancelled) and refuses more than `limit` bytes, whatever the source announced beforehand."""
+    copied = 0
+    with open(dst, "wb") as out:
+        for chunk in chunks:
+            stop_if(should_stop)
+            copied += len(chunk)
+            if copied > limit:
+                raise InvalidAdapter(f"source: {shown} grew past {limit} bytes while it was copied")
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return copied
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..adapters.remote import is_remote
 from ..errors import ConfigError
 from ..settings import Layers, read_tokens
 
@@ -58,7 +59,8 @@ def add_adapters_parser(sub) -> None:
         q = actions.add_parser(action, help=help)
         q.add_argument("name", metavar="NAME")
         _add_client_args(q)
-    for action, help in (("register", "from PATH on the server's disk, inside its --adapter-root"),
+    for action, help in (("register", "from PATH on the server's disk, inside its --adapter-root, or from "
+                                      "hf://org/repo[@revision] or s3://bucket/prefix"),
                          ("upload", "send the PEFT folder PATH from this machine")):
         q = actions.add_parser(action, help=help)
         q.add_argument("name", metavar="NAME")
@@ -145,5 +147,7 @@ def run_adapters(args: argparse.Namespace) -> int:
 
 
 def _server_path(path: str) -> str:
-    """A relative PATH that exists here is sent absolute (same machine); otherwise as given (relative to a root)."""
-    return os.path.abspath(path) if not os.path.isabs(path) and os.path.exists(path) else path
+    """A relative PATH that exists here is sent absolute (same machine); otherwise, and hf:// or s3:// URLs, as
+    given (relative to a root)."""
+    local = not is_remote(path) and not os.path.isabs(path) and os.path.exists(path)
+    return os.path.abspath(path) if local else path

@@ -39,6 +39,9 @@ class Generations:
             request = make_request(started + remaining if remaining is not None else None)
             check_sizes(request, engine.limits)  # bytes only, on the loop: an oversized prompt is refused at once
             label = self._label(request, registered=False)
+            names = [request.adapter] if request.adapter else [a.name for a in request.adapters]
+            if runtime.first_use is not None:  # an unregistered name a rule takes is registered first, once
+                await runtime.first_use.ensure(names)
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[GenerationChunk] = asyncio.Queue()
 
@@ -51,7 +54,7 @@ class Generations:
             handle = await runtime.workers.run(engine.submit, request, listener,
                                                on_orphan=lambda orphan: orphan.cancel())
             label = self._label(request)  # the name is known now: it may take one of the capped labels
-            runtime.registry.record_use([request.adapter] if request.adapter else [a.name for a in request.adapters])
+            runtime.registry.record_use(names)
             while True:
                 chunk = await chunks.get()
                 if chunk.token_ids:

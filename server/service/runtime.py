@@ -18,6 +18,8 @@ class Runtime:
     """The AdapterRegistry, set together with `engine`."""
     workers: object | None = None
     """The WorkerPool that validates and tokenizes requests off the event loop."""
+    first_use: object | None = None
+    """The FirstUseLoader when --adapter-source rules are set (else None), set together with `engine`."""
     draining: bool = False
 
     def require_engine(self):

@@ -53,6 +53,14 @@ def add_serve_parser(sub) -> None:
     add("--strict-base", action="store_true",
         help="refuse adapters whose adapter_config.json names another base model (default: register them "
              "with a warning in AdapterInfo.warnings)")
+    add("--adapter-source", action="append", env="LORAPLEX_ADAPTER_SOURCES", metavar="PATTERN=SOURCE", sep=None,
+        help="load an unregistered adapter on first use: a name matching the glob PATTERN is registered from "
+             "SOURCE with {name} replaced, e.g. 'acme-*=s3://adapters/{name}'; repeat for several, first match "
+             "wins (env: whitespace-separated)")
+    add("--hf-endpoint", help="hub for hf:// sources (default: huggingface_hub's, HF_ENDPOINT)")
+    add("--hf-cache-dir", help="huggingface_hub cache for hf:// sources (default: HF_HUB_CACHE)")
+    add("--s3-endpoint-url", help="S3-compatible endpoint for s3:// sources (default: boto3's, AWS_ENDPOINT_URL)")
+    add("--s3-region", help="region for s3:// sources (default: boto3's, AWS_DEFAULT_REGION, else us-east-1)")
     add("--max-message-bytes", type=int, default=16 << 20,
         help="largest gRPC message received (text requests past their context are refused before parsing)")
     add("--request-workers", type=int, default=2, help="threads that validate and tokenize requests")
@@ -87,7 +95,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
         max_upload_bytes=args.max_upload_bytes, max_adapter_labels=args.max_adapter_labels,
         min_free_disk_bytes=args.min_free_disk_bytes, strict_base=bool(args.strict_base),
         request_workers=args.request_workers, max_pending_requests=args.max_pending_requests,
-        max_message_bytes=args.max_message_bytes)
+        max_message_bytes=args.max_message_bytes, adapter_sources=tuple(args.adapter_source or ()),
+        hf_endpoint=args.hf_endpoint, hf_cache_dir=args.hf_cache_dir, s3_endpoint_url=args.s3_endpoint_url,
+        s3_region=args.s3_region)
     from ..cli import resolve_device
 
     device = resolve_device(args.device)

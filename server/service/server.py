@@ -20,10 +20,13 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 from ..adapters.registry import AdapterRegistry
+from ..adapters.remote import RemoteStores
+from ..adapters.source_rules import parse_rule
 from ..config import EngineConfig, ServiceConfig
 from ..engine.requests import max_request_bytes
 from ..errors import ConfigError
 from .admin import AdaptersServicer
+from .first_use import FirstUseLoader
 from .generations import Generations
 from .interceptors import DecodeInterceptor, ErrorInterceptor, Scrubber, TokenAuthInterceptor
 from .metrics import ServiceMetrics
@@ -116,15 +119,21 @@ class LoraplexServer:
         from ..engine.engine import Engine
 
         engine = await asyncio.to_thread(Engine, self.engine_config, self.loaded)
-        registry = AdapterRegistry(engine, self.config.state_dir, list(self.config.adapter_roots),
-                                   self.config.max_upload_bytes, min_free_disk_bytes=self.config.min_free_disk_bytes,
-                                   strict_base=self.config.strict_base)
+        config = self.config
+        stores = RemoteStores(hf_endpoint=config.hf_endpoint, hf_cache_dir=config.hf_cache_dir,
+                              s3_endpoint_url=config.s3_endpoint_url, s3_region=config.s3_region)
+        registry = AdapterRegistry(engine, config.state_dir, list(config.adapter_roots), config.max_upload_bytes,
+                                   min_free_disk_bytes=config.min_free_disk_bytes, strict_base=config.strict_base,
+                                   stores=stores)
         try:
             await asyncio.to_thread(registry.restore)
         except BaseException:
             engine.stop()
             raise
         engine.start()
+        if config.adapter_sources:
+            rules = tuple(parse_rule(text) for text in config.adapter_sources)
+            self.runtime.first_use = FirstUseLoader(rules, registry, lambda: self.runtime.draining)
         self.runtime.engine, self.runtime.registry = engine, registry
         self._flusher = asyncio.create_task(self._flush_stats())
         self._sweeper = asyncio.create_task(self._sweep_retired())
@@ -148,6 +157,8 @@ class LoraplexServer:
         if self.runtime.metrics is not None:
             self.runtime.metrics.close()
         self.runtime.workers.close()
+        if self.runtime.first_use is not None:
+            self.runtime.first_use.close()
         log.info("stopped")
 
     async def _start_side_listeners(self) -> None:

@@ -82,6 +82,15 @@ def register_examples(target: str, names) -> None:
             client.register_adapter(name, name)
 
 
+@pytest.fixture(scope="module")
+def client(server):
+    """A client of the module's `server` fixture (modules may define their own)."""
+    from loraplex.client import Client, ClientConfig
+
+    with Client(ClientConfig(target=server.target, timeout=120)) as c:
+        yield c
+
+
 def scrape(port: int) -> dict[str, float]:
     """Prometheus text -> {'name{labels}': value}."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
