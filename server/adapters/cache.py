@@ -34,6 +34,8 @@ class CacheStats:
     host_evictions: int = 0
     load_seconds_total: float = 0.0
     loads: int = 0
+    image_rebuilds: int = 0
+    """Host misses that found an adapter's prepared image damaged or missing and rebuilt it from its folder."""
 
 
 @dataclass(slots=True)
@@ -73,6 +75,10 @@ class AdapterCache:
             self._host.move_to_end(key)
             self._failed.pop(key, None)
             self._trim_host()
+
+    def count_image_rebuild(self) -> None:
+        with self._lock:
+            self.stats.image_rebuilds += 1
 
     def host_get(self, key: str) -> AdapterWeights | None:
         with self._lock:

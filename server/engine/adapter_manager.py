@@ -1,7 +1,8 @@
 """AdapterManager: the adapters side of the engine - catalog, tiers, loads, and the register/pin/load API.
 
-Registration validates a PEFT folder once (on the caller's thread) and puts the prepared copy in the
-host tier; requests resolve their adapter choice into `AdapterNeed`s here; admission asks whether a
+Registration validates a PEFT folder once (on the caller's thread), writes its prepared image (which host
+misses read whole, see adapters/prepared_image.py) and puts the prepared copy in the host tier; requests
+resolve their adapter choice into `AdapterNeed`s here; admission asks whether a
 sequence's adapters are host-ready and takes device slots for them. Slot writes happen on the engine
 thread only (`on_engine_thread`), so a running step never sees a slot change under it.
 """
@@ -18,6 +19,7 @@ from ..adapters.catalog import AdapterCatalog, AdapterEntry
 from ..adapters.loader import load_adapter
 from ..adapters.mix import derive_adapter, mix_key
 from ..adapters.mix_cache import DerivedAdapterCache
+from ..adapters.prepared_image import ImageCorrupt, PreparedImages, image_key
 from ..adapters.types import AdapterWeights, check_fits
 from ..config import LoRAConfig
 from ..lora.stacks import LoraStacks
@@ -33,13 +35,17 @@ RunOnEngineThread = Callable[[Callable[[], object], float], object]
 
 
 class AdapterManager:
-    def __init__(self, config: LoRAConfig, arch: ModelArch, lora_stacks: LoraStacks, dtype: torch.dtype, device: torch.device,
-                 derived_folder, run_on_engine_thread: RunOnEngineThread,
+    def __init__(self, config: LoRAConfig, arch: ModelArch, lora_stacks: LoraStacks, dtype: torch.dtype,
+                 device: torch.device, derived_folder, images_folder, run_on_engine_thread: RunOnEngineThread,
                  call_on_engine_thread: Callable[[Callable[[], None]], None]):
         self.config, self.arch, self.device = config, arch, device
         self.catalog = AdapterCatalog()
         self.cache = AdapterCache(lora_stacks, config.max_cpu_loras, dtype, pin_memory=device.type == "cuda")
         self.derived = DerivedAdapterCache(max_entries=2, folder=derived_folder)
+        self.images = PreparedImages(images_folder, pin=device.type == "cuda")
+        """Each registered version's prepared form, read whole on a host-tier miss (adapters/prepared_image.py)."""
+        self._image_keys: dict[str, str] = {}
+        """Cache key (name@version) -> its image's content key."""
         """TIES / DARE builds, persisted so a restart reuses them; the host tier holds the live copies."""
         self.mix_reports: dict = {}
         """Reconstruction reports of derived (TIES / DARE) adapters, by key."""
@@ -68,7 +74,12 @@ class AdapterManager:
             target_modules=tuple(sorted(weights.target_modules)), num_bytes=weights.num_bytes,
             base_model=str(weights.config.get("base_model_name_or_path") or ""), pinned=pin,
             registered_at=time.time() if registered_at is None else float(registered_at)), version=version)
-        self.cache.put_host(entry.key, self.cache.prepare(weights))
+        prepared = self.cache.prepare(weights)
+        if weights.sha256:  # a registered file (built-in-process adapters have no folder to rebuild from)
+            key = image_key(weights.sha256, weights.config, self.cache.dtype)
+            if self.images.save(key, prepared):
+                self._image_keys[entry.key] = key
+        self.cache.put_host(entry.key, prepared)
         if pin:
             self._call(lambda: self._pin(entry.key))
         return entry
@@ -77,6 +88,9 @@ class AdapterManager:
         """Unregister; requests already holding this version finish on it."""
         entry = self.catalog.remove(name)
         self._call(lambda: self.cache.drop(entry.key))
+        key = self._image_keys.pop(entry.key, None)
+        if key is not None and key not in self._image_keys.values():  # (a running request re-reading this
+            self.images.remove(key)                                   # version reads its folder instead)
         return entry
 
     def set_pinned(self, name: str, pinned: bool = True) -> AdapterEntry:
@@ -115,13 +129,27 @@ class AdapterManager:
                         key)
 
     def disk_loader(self, entry: AdapterEntry) -> Callable[[], AdapterWeights]:
-        """Reads `entry`'s folder again (a host-tier miss); refuses a file changed since registration."""
+        """A host-tier miss: `entry`'s prepared image, read whole; else (no image, or a damaged one) its folder,
+        validated again (a file changed since registration is refused), and the image rebuilt from it."""
         def load():
+            key = self._image_keys.get(entry.key)
+            if key is not None:
+                try:
+                    image = self.images.load(key)
+                    check_fits(image, self.arch, self.config.max_lora_rank)
+                    return image
+                except (ImageCorrupt, LoraplexError) as exc:
+                    log.warning("adapter %s: prepared image unusable (%s); rebuilding it from the folder",
+                                entry.key, exc)
+                    self.cache.count_image_rebuild()
             weights = load_adapter(entry.source, self.arch, self.config.max_lora_rank, entry.name)
             if weights.sha256 != entry.sha256:
                 raise InvalidAdapter(f"adapter {entry.name!r}: {entry.source} changed on disk since it was "
                                      "registered; register it again")
-            return weights
+            prepared = self.cache.prepare(weights)
+            if key is not None:
+                self.images.save(key, prepared, replace=True)
+            return prepared
         return load
 
     # ---- requests ----

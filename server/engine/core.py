@@ -242,6 +242,7 @@ class EngineCore:
             while self._incoming:
                 seq = self._incoming.popleft()
                 self.adapters.cache.want(self.adapters.keys_of(seq))
+                self.adapters.host_ready(seq)  # starts host loads now, while it queues (admission reads the state)
                 self.scheduler.add(seq)
 
     def _reap_cancelled(self) -> None:

@@ -64,6 +64,7 @@ class Engine:
         self.core: EngineCore
         self.adapters = AdapterManager(
             lora, self.arch, self.runner.lora_stacks, self.dtype, self.device, cache_dir / "derived",
+            cache_dir / "adapter-images",
             run_on_engine_thread=lambda fn, timeout: self.core.run_on_engine_thread(fn, timeout),
             call_on_engine_thread=lambda fn: self.core.call_on_engine_thread(fn))
         self.core = EngineCore(config, self.runner, self.adapters, self.outputs, self.block_manager, self.tokenizer,

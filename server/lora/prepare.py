@@ -9,7 +9,10 @@ from ..adapters.types import AdapterWeights, ModuleLoRA
 def prepare_for_device(adapter: AdapterWeights, dtype: torch.dtype, pin: bool) -> AdapterWeights:
     """Fold each module's scale into B (in fp32), cast to the compute dtype, pin for async copies.
 
-    Done once when an adapter enters the host tier, so a slot write is plain copies."""
+    Done once when an adapter enters the host tier, so a slot write is plain copies. Weights already in
+    that form (read from a prepared image) are returned as they are: no copy, no second pin."""
+    if all(_prepared(m, dtype, pin) for m in adapter.modules.values()):
+        return adapter
     modules = {}
     for key, m in adapter.modules.items():
         a = m.a.to(dtype).contiguous()
@@ -19,3 +22,8 @@ def prepare_for_device(adapter: AdapterWeights, dtype: torch.dtype, pin: bool) -
         modules[key] = ModuleLoRA(a=a, b=b, scale=1.0)
     return AdapterWeights(name=adapter.name, modules=modules, source=adapter.source, sha256=adapter.sha256,
                           config=adapter.config)
+
+
+def _prepared(m: ModuleLoRA, dtype: torch.dtype, pin: bool) -> bool:
+    return (m.scale == 1.0 and m.a.dtype == m.b.dtype == dtype and m.a.is_contiguous() and m.b.is_contiguous()
+            and (not pin or (m.a.is_pinned() and m.b.is_pinned())))

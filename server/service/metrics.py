@@ -57,7 +57,9 @@ class EngineCollector:
         for name, value, doc in (("hits", stats.hits, "Adapter device-slot cache hits."),
                                  ("misses", stats.misses, "Adapter host-cache misses (loads from disk)."),
                                  ("evictions", stats.evictions, "Adapters evicted from device slots."),
-                                 ("host_evictions", stats.host_evictions, "Adapters evicted from host memory.")):
+                                 ("host_evictions", stats.host_evictions, "Adapters evicted from host memory."),
+                                 ("image_rebuilds", stats.image_rebuilds,
+                                  "Host misses that rebuilt a damaged or missing prepared image from its folder.")):
             yield CounterMetricFamily(f"loraplex_adapter_cache_{name}", doc, value=value)
         yield SummaryMetricFamily("loraplex_adapter_load_seconds", "Time to read and validate an adapter from disk.",
                                   count_value=stats.loads, sum_value=stats.load_seconds_total)

@@ -425,3 +425,55 @@ def test_overlapped_steps_give_the_same_results(smol_fp32, peft_adapters, tmp_pa
         assert [(c.text, c.token_ids, c.stop_reason) for c in overlapped] == \
             [(c.text, c.token_ids, c.stop_reason) for c in lockstep]
     assert {chunks[-1].stop_reason for chunks in results[True]} >= {StopReason.MAX_TOKENS, StopReason.STOP_SEQUENCE}
+
+
+def _evict_a_from_host(eng) -> None:
+    eng.generate([req(adapter="b", tokens=1)])  # host tier of 1: b in, a out
+    assert eng.cache.host_get("a@1") is None
+
+
+def test_host_misses_read_the_prepared_image_and_rebuild_a_damaged_one(smol_fp32, peft_adapters, tmp_path):
+    """Registration writes each version's prepared image; a host miss reads it (no folder validation); a
+    damaged image is detected, rebuilt from the folder and never served; a deleted version's image goes."""
+    from loraplex.server.adapters.prepared_image import read_image
+
+    _, folders = peft_adapters
+    eng = make_engine(smol_fp32, tmp_path, max_loras=1, max_cpu_loras=1)
+    try:
+        eng.register_adapter("a", str(folders["qv_r4"]))
+        eng.register_adapter("b", str(folders["ko_r32_patterns"]))
+        images = sorted((tmp_path / "cache" / "adapter-images").glob("*.img"))
+        assert len(images) == 2
+        [a_first] = eng.generate([req(adapter="a", tokens=6)])
+        _evict_a_from_host(eng)
+        shutil.rmtree(folders["qv_r4"].parent / "moved", ignore_errors=True)
+        moved = shutil.copytree(folders["qv_r4"], folders["qv_r4"].parent / "moved")
+        shutil.rmtree(folders["qv_r4"])  # the folder is gone: only the image can serve this miss
+        try:
+            loads = eng.cache.stats.loads
+            [a_image] = eng.generate([req(adapter="a", tokens=6)])
+            assert a_image.token_ids == a_first.token_ids and eng.cache.stats.loads == loads + 1
+            assert eng.cache.stats.image_rebuilds == 0
+        finally:
+            shutil.copytree(moved, folders["qv_r4"])
+            shutil.rmtree(moved)
+        for image in images:  # damage both images' data: each is rebuilt at its next miss, never served
+            raw = bytearray(image.read_bytes())
+            raw[-3] ^= 0x10
+            image.write_bytes(bytes(raw))
+        _evict_a_from_host(eng)  # b's miss
+        [a_rebuilt] = eng.generate([req(adapter="a", tokens=6)])  # a's miss
+        assert a_rebuilt.token_ids == a_first.token_ids and eng.cache.stats.image_rebuilds == 2
+        assert all(_readable(read_image, p) for p in images)  # both rewritten whole
+        eng.delete_adapter("a")
+        assert len(list((tmp_path / "cache" / "adapter-images").glob("*.img"))) == 1
+    finally:
+        eng.stop()
+
+
+def _readable(read_image, path) -> bool:
+    try:
+        read_image(path, path.stem)
+        return True
+    except Exception:  # noqa: BLE001 - damaged: not readable
+        return False
