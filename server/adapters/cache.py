@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -34,6 +34,8 @@ class CacheStats:
     host_evictions: int = 0
     load_seconds_total: float = 0.0
     loads: int = 0
+    installs: int = 0
+    """Adapters copied into a device slot (device-tier misses)."""
     image_rebuilds: int = 0
     """Host misses that found an adapter's prepared image damaged or missing and rebuilt it from its folder."""
 
@@ -59,6 +61,8 @@ class AdapterCache:
         self._wanted: Counter[str] = Counter()
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, Exception] = {}
+        self._load_seconds: deque[float] = deque(maxlen=100_000)
+        """Durations of the latest host loads (for load-latency percentiles)."""
         self._dropped: set[str] = set()
         """Deleted adapters still used by running requests: freed when the last one lets go."""
         self._slots = [_Slot() for _ in range(num_slots)]
@@ -75,6 +79,16 @@ class AdapterCache:
             self._host.move_to_end(key)
             self._failed.pop(key, None)
             self._trim_host()
+
+    def host_bytes(self) -> int:
+        """Bytes of the prepared adapters in the host tier."""
+        with self._lock:
+            return sum(adapter.num_bytes for adapter in self._host.values())
+
+    def load_seconds(self) -> list[float]:
+        """Durations of the latest host loads (disk or image to prepared host copy), oldest first."""
+        with self._lock:
+            return list(self._load_seconds)
 
     def count_image_rebuild(self) -> None:
         with self._lock:
@@ -128,6 +142,7 @@ class AdapterCache:
             self._loading.pop(key, None)
             self.stats.loads += 1
             self.stats.load_seconds_total += seconds
+            self._load_seconds.append(seconds)
         self.put_host(key, prepared)
         log.info("adapter %s loaded to host: %d bytes in %.0f ms", key, prepared.num_bytes, seconds * 1000)
 
@@ -229,6 +244,7 @@ class AdapterCache:
         self.lora_stacks.write(slot, adapter)
         self._slots[slot] = _Slot(key=key, last_used=time.monotonic(), targets=adapter.target_modules)
         self._slot_of[key] = slot
+        self.stats.installs += 1
         log.info("adapter %s -> slot %d (%d bytes)", key, slot, adapter.num_bytes)
 
     def _evict(self, slot: int) -> None:

@@ -39,6 +39,31 @@ def add_bench_parser(sub) -> None:
     kernels.add_argument("--device", default="cuda")
     kernels.add_argument("--no-baselines", action="store_true", help="skip bitsandbytes and bf16 cuBLAS")
     kernels.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    traffic = kinds.add_parser("adapters", help="many adapters under open-loop Zipf traffic: loads, hit rates, "
+                               "TTFT/TPOT percentiles")
+    traffic.add_argument("--model", default="benchmarks/shapes/llama-3.1-8b",
+                         help="folder with config.json (and weights unless --load-format dummy)")
+    traffic.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
+    traffic.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "none"])
+    traffic.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    traffic.add_argument("--device", default="cuda")
+    traffic.add_argument("--num-adapters", default="8,64,1000", help="comma-separated adapter counts (a row each)")
+    traffic.add_argument("--rank", type=int, default=8)
+    traffic.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    traffic.add_argument("--rate", type=float, default=8.0, help="requests per second (Poisson arrivals)")
+    traffic.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per row")
+    traffic.add_argument("--zipf", type=float, default=1.0, help="popularity exponent s (weight 1/k^s)")
+    traffic.add_argument("--prompt-len", default="256,32,2048", help="median,min,max (log-normal)")
+    traffic.add_argument("--output-len", default="128,16,512", help="median,min,max (log-normal)")
+    traffic.add_argument("--max-loras", type=int, default=32, help="device slots")
+    traffic.add_argument("--max-cpu-loras", type=int, default=128, help="host-tier adapters")
+    traffic.add_argument("--max-num-seqs", type=int, default=64)
+    traffic.add_argument("--max-batched-tokens", type=int, default=4096)
+    traffic.add_argument("--kv-tokens", type=int, default=200_000)
+    traffic.add_argument("--adapters-dir", default="benchmarks/adapters-cache",
+                         help="where the PEFT folders are written once and reused")
+    traffic.add_argument("--seed", type=int, default=0)
+    traffic.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     from loraplex.training.bench import add_bench_train_parser
 
     add_bench_train_parser(kinds)
@@ -55,6 +80,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_bench_train(args)
     if args.bench_command == "kernels":
         return run_bench_kernels(args)
+    if args.bench_command == "adapters":
+        return run_bench_adapters(args)
     from .serving import ServeBenchConfig, run_serving_bench
 
     batches = _ints(args.batches)
@@ -107,6 +134,37 @@ def run_bench_kernels(args: argparse.Namespace) -> int:
     print(json.dumps(report["summary"], indent=1))
     print(f"wrote {path}")
     return 0
+
+
+def run_bench_adapters(args: argparse.Namespace) -> int:
+    from .adapter_traffic import AdapterTrafficConfig, run_adapter_traffic_bench
+
+    cfg = AdapterTrafficConfig(
+        model=args.model, load_format=args.load_format, quantization=args.quantization, dtype=args.dtype,
+        device=args.device, num_adapters=_ints(args.num_adapters), rank=args.rank,
+        targets=tuple(args.targets.split(",")), rate=args.rate, duration_s=args.duration, zipf_s=args.zipf,
+        prompt_len=_triple(args.prompt_len, "--prompt-len"), output_len=_triple(args.output_len, "--output-len"),
+        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens, kv_tokens=args.kv_tokens, adapters_dir=args.adapters_dir,
+        seed=args.seed)
+    env = environment(cfg.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"adapters-{env['device_slug']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report = {"benchmark": "adapters", "config": dataclasses.asdict(cfg), "environment": env,
+              "rows": run_adapter_traffic_bench(cfg, log=lambda line: print(line, flush=True))}
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def _triple(text: str, flag: str) -> tuple[int, int, int]:
+    values = _ints(text)
+    if len(values) != 3 or not 0 < values[1] <= values[0] <= values[2]:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{flag} {text!r}: expected median,min,max with 0 < min <= median <= max")
+    return values
 
 
 def ratios(ours: list[dict], baseline: list[dict]) -> list[dict]:
