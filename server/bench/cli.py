@@ -113,8 +113,9 @@ def run_bench(args: argparse.Namespace) -> int:
     report["complete"] = True
     path.write_text(json.dumps(report, indent=2))
     for row in report["ratios"]:
-        print(f"prompt {row['prompt_len']:5d} {row['mode']:8s} batch {row['batch_size']:3d}: loraplex {row['loraplex_tok_s']:9.1f} tok/s, "
-              f"peft {row['peft_tok_s']:8.1f} tok/s, x{row['speedup']:.1f}", flush=True)
+        print(f"prompt {row['prompt_len']:5d} {row['mode']:8s} batch {row['batch_size']:3d}: "
+              f"loraplex {row['loraplex_tok_s']:9.1f} tok/s, peft {row['peft_tok_s']:8.1f} tok/s, "
+              f"x{row['speedup']:.1f}", flush=True)
     print(f"wrote {path}")
     return 0
 
@@ -175,8 +176,9 @@ def ratios(ours: list[dict], baseline: list[dict]) -> list[dict]:
     for r in ours:
         key = (r.get("prompt_len", 128), r["mode"], r["batch_size"])
         if key in peft:
-            rows.append({"prompt_len": key[0], "mode": key[1], "batch_size": key[2], "loraplex_tok_s": r["tokens_per_s"],
-                         "peft_tok_s": peft[key], "speedup": round(r["tokens_per_s"] / peft[key], 2)})
+            rows.append({"prompt_len": key[0], "mode": key[1], "batch_size": key[2],
+                         "loraplex_tok_s": r["tokens_per_s"], "peft_tok_s": peft[key],
+                         "speedup": round(r["tokens_per_s"] / peft[key], 2)})
     return rows
 
 
