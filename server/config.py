@@ -59,6 +59,8 @@ class LoRAConfig:
     """Adapter slots on the device: distinct adapters usable in one step."""
     max_cpu_loras: int = 64
     """Validated adapters kept in host memory (LRU); the rest reload from disk."""
+    max_cpu_lora_bytes: int | None = None
+    """And at most this many bytes of them (None: the count alone bounds the host tier)."""
     max_adapters_per_request: int = 8
     """Most adapters one weighted mix may name."""
     derived_rank: int = 64
@@ -70,6 +72,8 @@ class LoRAConfig:
             problems.append(f"max_lora_rank={self.max_lora_rank} (1..1024)")
         if self.max_loras < 1:
             problems.append(f"max_loras={self.max_loras} (>= 1)")
+        if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
+            problems.append(f"max_cpu_lora_bytes={self.max_cpu_lora_bytes} (>= 1, or unset)")
         if self.max_cpu_loras < self.max_loras:
             problems.append(f"max_cpu_loras={self.max_cpu_loras} (>= max_loras={self.max_loras})")
         if not 1 <= self.max_adapters_per_request <= self.max_loras:

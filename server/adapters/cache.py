@@ -50,11 +50,12 @@ class _Slot:
 
 
 class AdapterCache:
-    def __init__(self, lora_stacks: LoraStacks, max_host: int, dtype: torch.dtype, pin_memory: bool):
+    def __init__(self, lora_stacks: LoraStacks, max_host: int, dtype: torch.dtype, pin_memory: bool,
+                 max_host_bytes: int | None = None):
         self.lora_stacks = lora_stacks
         num_slots = lora_stacks.num_slots
         self.dtype, self.pin_memory = dtype, pin_memory
-        self.max_host = max_host
+        self.max_host, self.max_host_bytes = max_host, max_host_bytes
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._host: OrderedDict[str, AdapterWeights] = OrderedDict()
@@ -147,14 +148,17 @@ class AdapterCache:
         log.info("adapter %s loaded to host: %d bytes in %.0f ms", key, prepared.num_bytes, seconds * 1000)
 
     def _trim_host(self) -> None:
-        """Drop least recently used host copies past max_host, skipping wanted or slotted ones (lock held)."""
+        """Drop least recently used host copies past max_host (and max_host_bytes), skipping wanted or slotted
+        ones (lock held)."""
         excess = len(self._host) - self.max_host
+        excess_bytes = (sum(a.num_bytes for a in self._host.values()) - self.max_host_bytes
+                        if self.max_host_bytes is not None else 0)
         for key in list(self._host):
-            if excess <= 0:
+            if excess <= 0 and excess_bytes <= 0:
                 break
             if self._wanted.get(key, 0) > 0 or key in self._slot_of:
                 continue
-            del self._host[key]
+            excess_bytes -= self._host.pop(key).num_bytes
             self.stats.host_evictions += 1
             excess -= 1
 
@@ -274,6 +278,13 @@ class AdapterCache:
     def resident_counts(self) -> dict[str, int]:
         with self._lock:
             return {"device": len(self._slot_of), "host": len(self._host)}
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of adapter weights per tier (device: the adapters' own bytes, not their padded slots)."""
+        with self._lock:
+            host = sum(a.num_bytes for a in self._host.values())
+            device = sum(self._host[k].num_bytes for k in self._slot_of if k in self._host)
+            return {"device": device, "host": host}
 
     def slot_refs(self) -> list[int]:
         return [s.refs for s in self._slots]

@@ -40,7 +40,8 @@ class AdapterManager:
                  call_on_engine_thread: Callable[[Callable[[], None]], None]):
         self.config, self.arch, self.device = config, arch, device
         self.catalog = AdapterCatalog()
-        self.cache = AdapterCache(lora_stacks, config.max_cpu_loras, dtype, pin_memory=device.type == "cuda")
+        self.cache = AdapterCache(lora_stacks, config.max_cpu_loras, dtype, pin_memory=device.type == "cuda",
+                                  max_host_bytes=config.max_cpu_lora_bytes)
         self.derived = DerivedAdapterCache(max_entries=2, folder=derived_folder)
         self.images = PreparedImages(images_folder, pin=device.type == "cuda")
         """Each registered version's prepared form, read whole on a host-tier miss (adapters/prepared_image.py)."""

@@ -67,6 +67,11 @@ class EngineCollector:
         for tier, count in engine.cache.resident_counts().items():
             resident.add_metric([tier], count)
         yield resident
+        resident_bytes = GaugeMetricFamily("loraplex_adapters_resident_bytes", "Adapter weight bytes per tier.",
+                                           labels=["tier"])
+        for tier, num_bytes in engine.cache.resident_bytes().items():
+            resident_bytes.add_metric([tier], num_bytes)
+        yield resident_bytes
         yield GaugeMetricFamily("loraplex_adapters_registered", "Registered adapters.",
                                 value=len(engine.catalog.list()))
 

@@ -69,6 +69,7 @@ def add_serve_parser(sub) -> None:
     add("--max-loras", type=int, default=8, help="adapter slots on the device (distinct adapters per step)")
     add("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     add("--max-cpu-loras", type=int, default=64, help="validated adapters kept in host memory")
+    add("--max-cpu-lora-bytes", type=int, help="and at most this many bytes of them (default: no byte bound)")
     add("--max-adapters-per-request", type=int, default=8, help="most adapters in one weighted mix")
     add("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
     add("--max-num-batched-tokens", type=int, default=512, help="tokens per forward step")
@@ -107,6 +108,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
         model=ModelConfig(path=args.model, quantization=args.quantization, dtype=dtype, device=device,
                           max_model_len=args.max_model_len),
         lora=LoRAConfig(max_lora_rank=args.max_lora_rank, max_loras=max_loras, max_cpu_loras=args.max_cpu_loras,
+                        max_cpu_lora_bytes=args.max_cpu_lora_bytes,
                         max_adapters_per_request=min(args.max_adapters_per_request, max_loras),
                         derived_rank=min(64, args.max_lora_rank)),
         cache=CacheConfig(cpu_cache_bytes=args.kv_cache_bytes),

@@ -477,3 +477,27 @@ def _readable(read_image, path) -> bool:
         return True
     except Exception:  # noqa: BLE001 - damaged: not readable
         return False
+
+
+def test_host_tier_bounded_in_bytes(smol_fp32, peft_adapters, tmp_path):
+    """max_cpu_lora_bytes bounds the host tier beside the count: registrations past it push the least recently
+    used copies out, whose next use reloads them (from their prepared images)."""
+    import dataclasses
+
+    _, folders = peft_adapters
+    eng = make_engine(smol_fp32, tmp_path, max_loras=1, max_cpu_loras=8)
+    eng.register_adapter("probe", str(folders["qv_r4"]))
+    one = eng.cache.resident_bytes()["host"]
+    eng.stop()
+    limit = 2 * one + 1
+    config = dataclasses.replace(eng.config, lora=dataclasses.replace(eng.config.lora, max_cpu_lora_bytes=limit))
+    eng = Engine(config, loaded=smol_fp32)
+    try:
+        for i in range(3):
+            eng.register_adapter(f"x{i}", str(folders["qv_r4"]))
+        assert eng.cache.resident_counts()["host"] == 2 and eng.cache.resident_bytes()["host"] <= limit
+        assert eng.cache.host_get("x0@1") is None  # the oldest went
+        [result] = eng.generate([req(adapter="x0", tokens=3)])
+        assert len(result.token_ids) == 3 and eng.cache.resident_bytes()["host"] <= limit
+    finally:
+        eng.stop()
