@@ -61,6 +61,11 @@ def add_serve_parser(sub) -> None:
     add("--hf-cache-dir", help="huggingface_hub cache for hf:// sources (default: HF_HUB_CACHE)")
     add("--s3-endpoint-url", help="S3-compatible endpoint for s3:// sources (default: boto3's, AWS_ENDPOINT_URL)")
     add("--s3-region", help="region for s3:// sources (default: boto3's, AWS_DEFAULT_REGION, else us-east-1)")
+    add("--registry-url", env="LORAPLEX_REGISTRY_URL", metavar="postgresql://...",
+        help="share the adapter registry with other replicas through PostgreSQL (with --shared-adapter-dir; "
+             "default: this server's own registry in --state-dir)")
+    add("--shared-adapter-dir", metavar="DIR",
+        help="with --registry-url: the folder every replica mounts where adapter versions are kept")
     add("--max-message-bytes", type=int, default=16 << 20,
         help="largest gRPC message received (text requests past their context are refused before parsing)")
     add("--request-workers", type=int, default=2, help="threads that validate and tokenize requests")
@@ -97,7 +102,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
         request_workers=args.request_workers, max_pending_requests=args.max_pending_requests,
         max_message_bytes=args.max_message_bytes, adapter_sources=tuple(args.adapter_source or ()),
         hf_endpoint=args.hf_endpoint, hf_cache_dir=args.hf_cache_dir, s3_endpoint_url=args.s3_endpoint_url,
-        s3_region=args.s3_region)
+        s3_region=args.s3_region, registry_url=args.registry_url or "",
+        shared_adapter_dir=str(Path(args.shared_adapter_dir).resolve()) if args.shared_adapter_dir else "")
     from ..cli import resolve_device
 
     device = resolve_device(args.device)
