@@ -253,6 +253,11 @@ class AdapterCache:
         with self._lock:
             return {"device": len(self._slot_of), "host": len(self._host)}
 
+    def resident_keys(self) -> dict[str, list[str]]:
+        """tier -> the adapter versions (`name@version`) it holds now."""
+        with self._lock:
+            return {"device": sorted(self._slot_of), "host": sorted(self._host)}
+
     def slot_refs(self) -> list[int]:
         return [s.refs for s in self._slots]
 

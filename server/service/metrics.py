@@ -65,6 +65,13 @@ class EngineCollector:
         for tier, count in engine.cache.resident_counts().items():
             resident.add_metric([tier], count)
         yield resident
+        held = GaugeMetricFamily(
+            "loraplex_adapters_held_info", "Which adapter versions this replica holds per tier (value 1; the "
+            "`adapters` label joins name@version by ','), for routers that prefer the replica holding an adapter.",
+            labels=["tier", "adapters"])
+        for tier, keys in engine.cache.resident_keys().items():
+            held.add_metric([tier, ",".join(keys)], 1)
+        yield held
         yield GaugeMetricFamily("loraplex_adapters_registered", "Registered adapters.",
                                 value=len(engine.catalog.list()))
 
