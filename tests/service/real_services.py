@@ -78,7 +78,8 @@ class Postgres:
 
 
 class Nginx:
-    """nginx in the foreground with `http_block` (an `http { ... }` body) as its whole configuration."""
+    """nginx in the foreground with `http_block` (an `http { ... }` body) as its whole configuration; its access
+    log has one line per request: the x-loraplex-adapter header ("-" when none) and the replica it went to."""
 
     def __init__(self, http_block: str):
         if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
@@ -88,7 +89,9 @@ class Nginx:
                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         (self.dir / "nginx.conf").write_text(
             f"daemon off;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log warn;\n"
-            f"events {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n{temp}{http_block}\n}}\n")
+            f"events {{ worker_connections 1024; }}\nhttp {{\n"
+            f"    log_format routing '$http_x_loraplex_adapter $upstream_addr';\n"
+            f"    access_log {self.dir}/access.log routing;\n{temp}{http_block}\n}}\n")
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         check = subprocess.run([binary, "-t", "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
                                capture_output=True, text=True)
@@ -97,6 +100,12 @@ class Nginx:
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.3)
         assert self.process.poll() is None, self.process.stderr.read().decode()
+
+    def routed(self) -> list[tuple[str, str]]:
+        """(header, upstream address) of every request so far (a retried one: its addresses joined by ', ')."""
+        path = self.dir / "access.log"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [tuple(line.split(" ", 1)) for line in lines]
 
     def close(self) -> None:
         self.process.terminate()

@@ -81,12 +81,15 @@ def test_register_through_the_proxy_is_served_by_all(cluster):
 def test_affinity_then_kill_the_replica_mid_load(cluster):
     proxy, replicas = cluster["proxy"], cluster["replicas"]
     before = counts(replicas, "caps")
+    logged = len(cluster["nginx"].routed())
     started = time.monotonic()
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(lambda _: one_token(proxy, "caps"), range(REQUESTS)))
     seconds = time.monotonic() - started
     landed = [after - was for after, was in zip(counts(replicas, "caps"), before)]
     assert sum(landed) == REQUESTS and max(landed) >= 0.95 * REQUESTS, landed
+    routed = cluster["nginx"].routed()[logged:]  # nginx saw the header the client sent, and hashed on it
+    assert len(routed) == REQUESTS and {header for header, _ in routed} == {"caps"}
     print(f"{REQUESTS} one-token requests through nginx in {seconds:.1f} s, per replica {landed}")
 
     target = replicas[landed.index(max(landed))]
