@@ -215,12 +215,16 @@ def test_envoy_config_routes_by_the_adapter_header():
     assert "grpc_health_check" in cluster["health_checks"][0]
 
 
-def test_missing_required_values_are_named(tmp_path):
+@pytest.mark.parametrize("values, named", [
+    ({"tls": {"enabled": True}}, "tls.secretName is required"),
+    ({"sharedRegistry": {"enabled": True, "adapterVolume": {"claimName": "a"}}}, "sharedRegistry.url (or"),
+    ({"sharedRegistry": {"enabled": True, "existingSecret": "db"}}, "sharedRegistry.adapterVolume.claimName is")])
+def test_missing_required_values_are_named(tmp_path, values, named):
     values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump({"tls": {"enabled": True}}))
+    values_file.write_text(yaml.safe_dump(values))
     done = subprocess.run([helm(), "template", "lp", str(CHART), "-f", str(values_file)], capture_output=True,
                           text=True)
-    assert done.returncode != 0 and "tls.secretName is required" in done.stderr
+    assert done.returncode != 0 and named in done.stderr
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ import pytest
 
 from loraplex.client import NO_RETRY, Client, ClientConfig, LoraplexClientError, NotFound, Unavailable
 
-from .conftest import free_port, wait_for
+from .conftest import free_port, registers, wait_for
 from .real_services import Nginx, Postgres
 from .serve_process import Serve
 
@@ -141,7 +141,7 @@ def test_database_restart_loses_nothing(cluster):
         one_token(proxy, "pirate")  # serving goes on
     finally:
         postgres.start()
-    assert wait_for(lambda: _registers(proxy, "after", "caps_soft"), timeout=10)
+    assert wait_for(lambda: registers(proxy, "after", "caps_soft"), timeout=10)
     live = [r for r in cluster["replicas"] if r.process.poll() is None]
     assert wait_for(lambda: all(_has(r.client, "after") for r in live), timeout=3)
     for replica in live:
@@ -156,10 +156,3 @@ def _has(client, name) -> bool:
         return False
     return True
 
-
-def _registers(client, name, source) -> bool:
-    try:
-        client.register_adapter(name, source)
-    except Unavailable:
-        return False
-    return True

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from loraplex.client import Client, ClientConfig, NotFound, RetryPolicy, Unavailable
 from loraplex.server.config import ServiceConfig
 
-from .conftest import PROMPTS, ServerThread, engine_config_for_tests, wait_for
+from .conftest import PROMPTS, ServerThread, engine_config_for_tests, registers, wait_for
 from .real_services import Postgres
 
 PROPAGATION_SECONDS = 2.0
@@ -33,12 +33,12 @@ def base(tmp_path_factory):
     return tmp_path_factory.mktemp("shared-registry")
 
 
-def start_replica(name, base, postgres, adapter_root, loaded) -> ServerThread:
+def start_replica(name, base, postgres, adapter_root, loaded, connected: bool = True) -> ServerThread:
     service = ServiceConfig(port=0, metrics_port=None, state_dir=str(base / f"state-{name}"),
                             adapter_roots=(str(adapter_root),), registry_url=postgres.url,
                             shared_adapter_dir=str(base / "shared"))
     replica = ServerThread(service, engine_config_for_tests(base / "cache"), loaded)
-    assert wait_for(replica.server.follower.connected.is_set, timeout=10)
+    assert not connected or wait_for(replica.server.follower.connected.is_set, timeout=10)
     return replica
 
 
@@ -145,7 +145,7 @@ def test_a_version_whose_bytes_changed_is_not_served(clients, base, postgres, ad
         clients[0].delete_adapter("tamper")
 
 
-def test_database_loss_refuses_admin_keeps_serving_and_catches_up(clients, postgres):
+def test_database_loss_refuses_admin_keeps_serving_and_catches_up(clients, postgres, base, adapter_root, smol_fp32):
     a, b, c = clients
     before = {(x.name, x.version, x.sha256, x.pinned) for x in a.list_adapters()}
     expected = tokens(b, "caps")
@@ -157,18 +157,19 @@ def test_database_loss_refuses_admin_keeps_serving_and_catches_up(clients, postg
             b.delete_adapter("caps")
         assert tokens(b, "caps") == expected and tokens(c, "caps") == expected  # serving goes on
         assert {(x.name, x.version, x.sha256, x.pinned) for x in c.list_adapters()} == before
+        blind = start_replica("blind", base, postgres, adapter_root, smol_fp32, connected=False)  # starts empty
     finally:
         postgres.start()
-    assert wait_for(lambda: _registers(a, "after", "pirate"), timeout=10)
+    assert wait_for(lambda: registers(a, "after", "pirate"), timeout=10)
     seconds = reached_all(clients, "after", 1, timeout=PROPAGATION_SECONDS + 3)  # followers reconnect first
     assert {(x.name, x.version, x.sha256, x.pinned) for x in c.list_adapters() if x.name != "after"} == before
     assert version_on(b, "during") is None
+    try:
+        with Client(ClientConfig(target=blind.target, timeout=60)) as late:  # caught up once the database was back
+            expected = {(x.name, x.version, x.sha256, x.pinned) for x in a.list_adapters()}
+            assert wait_for(lambda: {(x.name, x.version, x.sha256, x.pinned) for x in late.list_adapters()} == expected,
+                            timeout=PROPAGATION_SECONDS + 3)
+    finally:
+        blind.stop()
     print(f"after the database came back: a registration reached every replica in {seconds:.2f} s")
 
-
-def _registers(client, name, source) -> bool:
-    try:
-        client.register_adapter(name, source)
-    except Unavailable:
-        return False
-    return True
