@@ -98,7 +98,8 @@ class AdapterRegistry:
             for sub in ("adapters", "tmp"):
                 (self.store.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise FailedPrecondition(f"state dir {self.store.root}: cannot be created ({exc.strerror})") from None
+            what = "shared adapter dir" if self.store.shared else "state dir"
+            raise FailedPrecondition(f"{what} {self.store.root}: cannot be created ({exc.strerror})") from None
 
     @property
     def path(self) -> Path:
