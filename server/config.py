@@ -226,7 +226,8 @@ class ServiceConfig:
     registry_url: str = field(default="", repr=False)
     """postgresql://... : the registry many replicas share (adapters/pg_store.py); "" = the state dir's own."""
     shared_adapter_dir: str = ""
-    """With registry_url: the folder (a volume every replica mounts) that holds every adapter version's files."""
+    """With registry_url: where every adapter version's files are kept: a folder every replica mounts, or
+    s3://bucket/prefix (each replica then keeps its own copies in state_dir)."""
 
     def __post_init__(self):
         problems = []

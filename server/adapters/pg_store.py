@@ -1,4 +1,5 @@
-"""The registry store many replicas share: records in PostgreSQL, version folders on a shared volume.
+"""The registry store many replicas share: records in PostgreSQL, version folders on a shared volume (`root`),
+or in an S3-compatible store (`files`: adapters/s3_versions.py; `root` is then this replica's copy of them).
 
     loraplex_adapter_names     name -> last_version: one counter row per name, bumped in its own transaction
                                (the row lock serializes two admins: they get two distinct versions)
@@ -16,12 +17,19 @@ import contextlib
 import logging
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from ..errors import FailedPrecondition, Unavailable
 from .registry_store import StoredRegistry
+
+
+class VersionFiles(Protocol):
+    def publish(self, folder: Path, path: str) -> None: ...
+
+    def fetch(self, path: str, folder: Path) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +68,11 @@ class PostgresStore:
 
     shared = True
 
-    def __init__(self, url: str, shared_dir: str | Path):
+    def __init__(self, url: str, root: str | Path, files: VersionFiles | None = None):
         self.url = url
-        self.root = Path(shared_dir)
+        self.root = Path(root)
+        self.files = files
+        """Where versions are published and fetched from when `root` is not itself shared (else None)."""
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
         self._schema_ready = False
@@ -150,6 +160,15 @@ class PostgresStore:
 
     def save_stats(self, stats: dict[str, tuple[int, float | None]]) -> None:
         """Use counts stay per replica (each counts what it served); nothing is written."""
+
+    def publish(self, folder: Path, path: str) -> None:
+        if self.files is not None:
+            self.files.publish(folder, path)
+
+    def fetch(self, path: str, folder: Path) -> None:
+        if self.files is None:
+            raise FileNotFoundError(f"{folder} is missing from the shared adapter dir")
+        self.files.fetch(path, folder)
 
     def close(self) -> None:
         with self._lock:

@@ -136,6 +136,8 @@ class AdapterRegistry:
     def _restore_one(self, name: str, record: dict) -> None:
         """Validate the kept copy as at registration, and check it is the very file that was registered."""
         engine, folder = self.engine, self.files / record["path"]
+        if not folder.exists():  # a version another replica registered, kept outside this replica's disk
+            self.store.fetch(record["path"], folder)
         weights = load_adapter(folder, engine.arch, engine.config.lora.max_lora_rank, name)
         if record.get("sha256") and weights.sha256 != record["sha256"]:
             raise InvalidAdapter(f"{folder / 'adapter_model.safetensors'} changed on disk since it was registered "
@@ -298,6 +300,7 @@ class AdapterRegistry:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging, final)
                 fsync_dir(final.parent)
+                self.store.publish(final, str(final.relative_to(self.files)))
                 previous = self._records.get(name)
                 unusable = self._unusable.get(name)
                 record = dict(version=version, sha256=weights.sha256, source=source,

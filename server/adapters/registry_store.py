@@ -54,6 +54,12 @@ class RegistryStore(Protocol):
     def save_stats(self, stats: dict[str, tuple[int, float | None]]) -> None:
         """name -> (request count, last used): written where the store keeps them."""
 
+    def publish(self, folder: Path, path: str) -> None:
+        """A new version's folder (`root/path`) is in place: copy it where other replicas fetch it, if elsewhere."""
+
+    def fetch(self, path: str, folder: Path) -> None:
+        """`folder` (`root/path`) is missing here: fetch it from where publish() put it (else FileNotFoundError)."""
+
     def close(self) -> None: ...
 
 
@@ -140,6 +146,12 @@ class LocalJsonStore:
             if name in self._records:
                 self._records[name].update(request_count=count, last_used=last_used)
         self._write()
+
+    def publish(self, folder: Path, path: str) -> None:
+        pass
+
+    def fetch(self, path: str, folder: Path) -> None:
+        raise FileNotFoundError(f"{folder} is missing")
 
     def close(self) -> None:
         pass

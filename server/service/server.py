@@ -125,7 +125,7 @@ class LoraplexServer:
         config = self.config
         stores = RemoteStores(hf_endpoint=config.hf_endpoint, hf_cache_dir=config.hf_cache_dir,
                               s3_endpoint_url=config.s3_endpoint_url, s3_region=config.s3_region)
-        store = _registry_store(config)
+        store = _registry_store(config, stores)
         registry = AdapterRegistry(engine, config.state_dir, list(config.adapter_roots), config.max_upload_bytes,
                                    min_free_disk_bytes=config.min_free_disk_bytes, strict_base=config.strict_base,
                                    stores=stores, store=store)
@@ -245,12 +245,16 @@ class LoraplexServer:
                     log.exception("sweeping retired adapter versions failed")
 
 
-def _registry_store(config: ServiceConfig) -> RegistryStore:
-    """PostgreSQL + the shared folder with --registry-url, else the state dir's registry.json."""
+def _registry_store(config: ServiceConfig, stores: RemoteStores) -> RegistryStore:
+    """PostgreSQL + the shared folder (or S3 prefix) with --registry-url, else the state dir's registry.json."""
     if not config.registry_url:
         return LocalJsonStore(config.state_dir)
     from ..adapters.pg_store import PostgresStore  # psycopg only when a shared registry is asked for
 
+    if config.shared_adapter_dir.startswith("s3://"):
+        from ..adapters.s3_versions import S3VersionFiles
+
+        return PostgresStore(config.registry_url, config.state_dir, S3VersionFiles(config.shared_adapter_dir, stores))
     return PostgresStore(config.registry_url, config.shared_adapter_dir)
 
 
@@ -258,7 +262,7 @@ def _state_dir_scrubber(config: ServiceConfig) -> Scrubber:
     """Client-bound messages show `<state dir>` (or `<shared dir>`) where the server's own folders would appear."""
     hidden = {}
     for folder, shown in ((config.shared_adapter_dir, "<shared dir>"), (config.state_dir, "<state dir>")):
-        if folder:
+        if folder and not folder.startswith("s3://"):
             hidden.update({folder: shown, str(Path(folder).absolute()): shown, str(Path(folder).resolve()): shown})
     return Scrubber(hidden)
 

@@ -8,14 +8,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import boto3
 import psycopg
 import pytest
+from moto.server import ThreadedMotoServer
 from safetensors.torch import load_file, save_file
 
 from loraplex.client import Client, ClientConfig, NotFound, RetryPolicy, Unavailable
+from loraplex.server.adapters.sources import ADAPTER_FILES
 from loraplex.server.config import ServiceConfig
 
-from .conftest import PROMPTS, ServerThread, engine_config_for_tests, registers, wait_for
+from .conftest import PROMPTS, ServerThread, engine_config_for_tests, free_port, registers, wait_for
 from .real_services import Postgres
 
 PROPAGATION_SECONDS = 2.0
@@ -33,10 +36,11 @@ def base(tmp_path_factory):
     return tmp_path_factory.mktemp("shared-registry")
 
 
-def start_replica(name, base, postgres, adapter_root, loaded, connected: bool = True) -> ServerThread:
+def start_replica(name, base, postgres, adapter_root, loaded, connected: bool = True, **shared) -> ServerThread:
+    """A replica with its own state dir; `shared`: registry_url, shared_adapter_dir... (default: the module's)."""
+    shared = dict(dict(registry_url=postgres.url, shared_adapter_dir=str(base / "shared")), **shared)
     service = ServiceConfig(port=0, metrics_port=None, state_dir=str(base / f"state-{name}"),
-                            adapter_roots=(str(adapter_root),), registry_url=postgres.url,
-                            shared_adapter_dir=str(base / "shared"))
+                            adapter_roots=(str(adapter_root),), **shared)
     replica = ServerThread(service, engine_config_for_tests(base / "cache"), loaded)
     assert not connected or wait_for(replica.server.follower.connected.is_set, timeout=10)
     return replica
@@ -173,3 +177,41 @@ def test_database_loss_refuses_admin_keeps_serving_and_catches_up(clients, postg
         blind.stop()
     print(f"after the database came back: a registration reached every replica in {seconds:.2f} s")
 
+
+
+def test_versions_in_s3_reach_replicas_without_a_shared_volume(postgres, base, adapter_root, smol_fp32):
+    """--shared-adapter-dir s3://...: moto's S3 server on 127.0.0.1, a database of its own, two replicas that
+    share no folder; a tampered object is refused by the replica that downloads it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                               AWS_DEFAULT_REGION="us-east-1").items():
+            patch.setenv(key, value)
+        s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        s3.start()
+        endpoint = "http://%s:%d" % s3.get_host_and_port()
+        bucket = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        bucket.create_bucket(Bucket="loraplex-shared")
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE s3registry")
+        shared = dict(registry_url=postgres.url.rsplit("/", 1)[0] + "/s3registry",
+                      shared_adapter_dir="s3://loraplex-shared/versions", s3_endpoint_url=endpoint)
+        started = [start_replica(f"s3-{n}", base, postgres, adapter_root, smol_fp32, **shared) for n in "ab"]
+        try:
+            with Client(ClientConfig(target=started[0].target, timeout=60)) as a, \
+                    Client(ClientConfig(target=started[1].target, timeout=60)) as b:
+                a.register_adapter("caps", "caps")
+                reached_all([a, b], "caps", 1)
+                assert tokens(a, "caps") == tokens(b, "caps") and a.get_adapter("caps").sha256 == b.get_adapter(
+                    "caps").sha256
+                keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="loraplex-shared")["Contents"]}
+                assert keys == {f"versions/adapters/caps/v1/{f}" for f in ADAPTER_FILES}
+                assert (base / "state-s3-b" / "adapters" / "caps" / "v1" / "adapter_model.safetensors").exists()
+                bucket.upload_file(str(adapter_root / "caps_soft" / "adapter_model.safetensors"), "loraplex-shared",
+                                   "versions/adapters/caps/v1/adapter_model.safetensors")  # other bytes, same name
+                started.append(start_replica("s3-c", base, postgres, adapter_root, smol_fp32, **shared))
+                with Client(ClientConfig(target=started[2].target, timeout=60)) as c:
+                    assert version_on(c, "caps") is None  # sha256 differs from the record: refused
+        finally:
+            for replica in started:
+                replica.stop()
+            s3.stop()
