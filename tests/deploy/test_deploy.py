@@ -300,3 +300,12 @@ def test_compose_file_parses_and_its_references_resolve():
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git"} <= set(ignored)
+
+
+def test_shared_registry_with_versions_in_s3_mounts_no_volume(tmp_path):
+    values = {"replicaCount": 2, "sharedRegistry": {"enabled": True, "url": "postgresql://lp@db/lp",
+                                                    "s3": "s3://adapters/loraplex"}}
+    server = by_kind(render(values, tmp_path))
+    config = tomllib.loads(server["ConfigMap"]["data"]["loraplex.toml"])
+    assert config["serve"]["shared-adapter-dir"] == "s3://adapters/loraplex"
+    assert "shared-adapters" not in {v["name"] for v in server["Deployment"]["spec"]["template"]["spec"]["volumes"]}
