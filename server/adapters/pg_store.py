@@ -64,7 +64,7 @@ def _first_line(exc: Exception) -> str:
 
 
 class PostgresStore:
-    """RegistryStore over PostgreSQL (`url`) with version folders under `shared_dir`."""
+    """RegistryStore over PostgreSQL (`url`), version folders under `root` (and published to `files`, if any)."""
 
     shared = True
 
@@ -82,8 +82,7 @@ class PostgresStore:
         """One transaction on the store's connection; a lost connection is dropped (next call reconnects)."""
         with self._lock:
             try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = connect(self.url)
+                self._ensure_connection()
                 with self._conn.transaction():
                     if not self._schema_ready:
                         self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -94,6 +93,17 @@ class PostgresStore:
                 self._drop()
                 raise Unavailable(f"registry database: unreachable ({_first_line(exc)}); admin calls are refused "
                                   "until it is back") from None
+
+    def _ensure_connection(self) -> None:
+        """A live connection: a kept one is pinged first, so the first call after a database restart does not
+        fail on the connection the restart broke."""
+        if self._conn is not None and not self._conn.closed:
+            try:
+                self._conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                self._drop()
+        self._conn = connect(self.url, autocommit=True)  # each call's own transaction() is BEGIN ... COMMIT
 
     def _drop(self) -> None:
         if self._conn is not None:

@@ -18,7 +18,7 @@ from loraplex.client import Client, ClientConfig, NotFound, RetryPolicy, Unavail
 from loraplex.server.adapters.sources import ADAPTER_FILES
 from loraplex.server.config import ServiceConfig
 
-from .conftest import PROMPTS, ServerThread, engine_config_for_tests, free_port, registers, wait_for
+from .conftest import PROMPTS, ServerThread, engine_config_for_tests, free_port, wait_for
 from .real_services import Postgres
 
 PROPAGATION_SECONDS = 2.0
@@ -164,7 +164,7 @@ def test_database_loss_refuses_admin_keeps_serving_and_catches_up(clients, postg
         blind = start_replica("blind", base, postgres, adapter_root, smol_fp32, connected=False)  # starts empty
     finally:
         postgres.start()
-    assert wait_for(lambda: registers(a, "after", "pirate"), timeout=10)
+    c.register_adapter("after", "pirate")  # at once: c's connection, broken by the restart, is replaced first
     seconds = reached_all(clients, "after", 1, timeout=PROPAGATION_SECONDS + 3)  # followers reconnect first
     assert {(x.name, x.version, x.sha256, x.pinned) for x in c.list_adapters() if x.name != "after"} == before
     assert version_on(b, "during") is None
