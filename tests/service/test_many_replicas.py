@@ -78,6 +78,30 @@ def test_register_through_the_proxy_is_served_by_all(cluster):
         one_token(replica.client, "caps")
 
 
+@pytest.mark.slow
+def test_every_adapter_keeps_to_one_replica_under_mixed_load(cluster):
+    """Heavier variant: four adapters, 150 one-token requests each, interleaved over 4 clients; each adapter's
+    requests keep to one replica (nginx's log: the header it hashed and where the request went)."""
+    proxy, nginx = cluster["proxy"], cluster["nginx"]
+    names = ["caps", "pirate", "caps_soft", "pirate_soft"]
+    for name in names:  # (again, as a new version, when the other tests ran first: `-m slow` runs this alone)
+        proxy.register_adapter(name, name)
+    assert wait_for(lambda: all(_has(r.client, name) for r in cluster["replicas"] for name in names), timeout=2)
+    logged = len(nginx.routed())
+    started = time.monotonic()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(lambda i: one_token(proxy, names[i % len(names)]), range(150 * len(names))))
+    seconds = time.monotonic() - started
+    by_adapter: dict[str, dict[str, int]] = {}
+    for header, upstream in nginx.routed()[logged:]:
+        by_adapter.setdefault(header, {}).setdefault(upstream, 0)
+        by_adapter[header][upstream] += 1
+    assert set(by_adapter) == set(names)
+    for name, landed in by_adapter.items():
+        assert max(landed.values()) >= 0.95 * sum(landed.values()), (name, landed)
+    print(f"{150 * len(names)} requests over {len(names)} adapters in {seconds:.1f} s: {by_adapter}")
+
+
 def test_affinity_then_kill_the_replica_mid_load(cluster):
     proxy, replicas = cluster["proxy"], cluster["replicas"]
     before = counts(replicas, "caps")
