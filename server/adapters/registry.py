@@ -45,6 +45,7 @@ from .loader import load_adapter, max_weights_bytes, rank_over_max
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, base_model_warning, read_lora_config
 from .registry_store import LocalJsonStore, RegistryStore, fsync_dir
 from .remote import RemoteStores, is_remote, open_remote, stage_remote
+from .retired import RetiredVersions
 from .sources import TooLarge, check_name, copy_source, remove_tree, resolve_source, source_files, stop_if
 from .types import check_fits
 from .upload import UploadWriter
@@ -52,9 +53,6 @@ from .upload import UploadWriter
 log = logging.getLogger(__name__)
 
 UPLOAD_SOURCE = "upload"
-RETIRED_SETTLE_SECONDS = 1.0
-"""A retired version's folder is kept at least this long: a request that looked the version up just
-before it was retired may still be on its way into the engine's queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +85,7 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.min_free_disk_bytes = min_free_disk_bytes
         self.strict_base = strict_base
-        self._retired: dict[str, tuple[Path, float]] = {}
-        """Cache key (name@version) of a replaced or deleted version -> (its folder, when it was retired)."""
+        self._retired = RetiredVersions(lambda timeout: engine.adapter_keys_in_use(timeout=timeout))
         self._lock = threading.RLock()
         self._records: dict[str, dict] = {}
         self._unusable: dict[str, dict] = {}
@@ -358,10 +355,10 @@ class AdapterRegistry:
 
     # ---- retired versions ----
     def _retire(self, key: str, folder: Path) -> None:
-        """Lock held: `folder` (of version `key`) is no longer registered; sweep_retired removes it (never in a
-        shared store: other replicas may still serve it)."""
+        """`folder` (of version `key`) is no longer registered; sweep_retired removes it (never in a shared
+        store: other replicas may still serve it)."""
         if not self.store.shared:
-            self._retired[key] = (folder, time.monotonic())
+            self._retired.add(key, folder)
 
     @property
     def has_retired(self) -> bool:
@@ -369,33 +366,11 @@ class AdapterRegistry:
 
     def sweep_retired(self) -> list[str]:
         """Remove the folders of retired versions that no queued or running request uses; their keys."""
-        now = time.monotonic()
+        return self._retired.sweep(self._live_folders)
+
+    def _live_folders(self) -> set[Path]:
         with self._lock:
-            due = [key for key, (_, since) in self._retired.items() if now - since >= RETIRED_SETTLE_SECONDS]
-        if not due:
-            return []
-        try:
-            in_use = self.engine.adapter_keys_in_use(timeout=5.0)
-        except TimeoutError:  # the engine is stopping (or one step is very long): next round
-            return []
-        removed = []
-        with self._lock:
-            live = {(self.files / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}
-            for key in due:
-                if key in in_use or key not in self._retired:
-                    continue
-                folder, _ = self._retired.pop(key)
-                if folder.resolve() in live:  # defensive: never remove what a record still names
-                    continue
-                remove_tree(folder)
-                try:
-                    folder.parent.rmdir()  # the name's folder, once its last version is gone
-                except OSError:
-                    pass
-                removed.append(key)
-        if removed:
-            log.info("removed the files of retired adapter versions %s", ", ".join(removed))
-        return removed
+            return {(self.files / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}
 
     def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
         with self._lock:
