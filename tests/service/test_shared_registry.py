@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from loraplex.client import Client, ClientConfig, NotFound, RetryPolicy, Unavailable
 from loraplex.server.adapters.sources import ADAPTER_FILES
 from loraplex.server.config import ServiceConfig
+from loraplex.server.errors import ConfigError
 
 from .conftest import PROMPTS, ServerThread, engine_config_for_tests, free_port, wait_for
 from .real_services import Postgres
@@ -87,18 +88,29 @@ def reached_all(clients, name, version, timeout=PROPAGATION_SECONDS) -> float:
 def test_register_upload_pin_delete_reach_every_replica(clients, adapter_root):
     a, b, c = clients
     a.register_adapter("caps", "caps")
-    reached_all(clients, "caps", 1)
+    seconds = [reached_all(clients, "caps", 1)]
     assert len({c.get_adapter("caps").sha256 for c in clients}) == 1
     assert tokens(a, "caps") == tokens(b, "caps") == tokens(c, "caps") != tokens(a, "")
     b.upload_adapter("pirate", adapter_root / "pirate")
-    reached_all(clients, "pirate", 1)
+    seconds.append(reached_all(clients, "pirate", 1))
     c.pin_adapter("pirate")
     assert wait_for(lambda: all(x.get_adapter("pirate").pinned for x in clients), timeout=PROPAGATION_SECONDS)
     a.register_adapter("caps", "caps_soft")  # a new version replaces the old one everywhere
-    reached_all(clients, "caps", 2)
+    seconds.append(reached_all(clients, "caps", 2))
     assert tokens(b, "caps") == tokens(a, "caps") == tokens(c, "caps")
     c.delete_adapter("pirate")
-    reached_all(clients, "pirate", None)
+    seconds.append(reached_all(clients, "pirate", None))
+    print("register, upload, new version, delete reached every replica in " + ", ".join(f"{s:.2f}" for s in seconds)
+          + " s")
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(registry_url="mysql://db/x", shared_adapter_dir="/x"), "registry_url must start with postgresql://"),
+    (dict(registry_url="postgresql://db/x"), "registry_url and shared_adapter_dir go together"),
+    (dict(shared_adapter_dir="/x"), "registry_url and shared_adapter_dir go together")])
+def test_shared_registry_settings_are_checked(fields, words):
+    with pytest.raises(ConfigError, match=words):
+        ServiceConfig(**fields)
 
 
 def test_two_admins_at_once_get_distinct_versions(clients, postgres):
