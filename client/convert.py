@@ -117,8 +117,12 @@ def upload_messages(name: str, files: Iterable[tuple[str, Iterator[bytes]]], pin
 
 
 def routing_metadata(message) -> tuple[tuple[str, str], ...]:
-    """`x-loraplex-adapter` for a GenerateRequest naming adapters, so a proxy can route by adapter (else none)."""
-    if not isinstance(message, gpb.GenerateRequest):
+    """`x-loraplex-adapter` for a GenerateRequest naming adapters, so a proxy can route by adapter, and for
+    LoadAdapter / UnloadAdapter (one replica's cache: the one the adapter's requests go to); else none."""
+    if isinstance(message, (apb.LoadAdapterRequest, apb.UnloadAdapterRequest)):
+        value = message.name
+    elif isinstance(message, gpb.GenerateRequest):
+        value = routing_value([message.adapter] if message.adapter else [a.name for a in message.adapters])
+    else:
         return ()
-    value = routing_value([message.adapter] if message.adapter else [a.name for a in message.adapters])
     return ((ROUTING_HEADER, value),) if value and value.isascii() and value.isprintable() else ()

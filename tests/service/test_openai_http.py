@@ -360,3 +360,7 @@ def test_client_sends_the_routing_header_for_its_adapters():
     assert routing_metadata(generate_request("Hi", adapters={"caps": 0.5, "pirate": 0.5})) == (
         ("x-loraplex-adapter", "caps,pirate"),)
     assert routing_metadata(generate_request("Hi")) == ()
+    from loraplex.v1 import adapters_pb2 as apb
+
+    assert routing_metadata(apb.LoadAdapterRequest(name="caps")) == (("x-loraplex-adapter", "caps"),)
+    assert routing_metadata(apb.RegisterAdapterRequest(name="caps", source="caps")) == ()
