@@ -177,11 +177,12 @@ class AdapterRegistry:
                     self.engine.delete_adapter(name)
                 log.info("adapter %s: deleted (by another replica)", name)
             return
-        if current is not None and int(current["version"]) == int(record["version"]):
-            if name in self._records and bool(current.get("pinned")) != bool(record.get("pinned")):
-                current["pinned"] = bool(record.get("pinned"))
-                self.engine.pin_adapter(name, current["pinned"])
-            return
+        served = self._records.get(name)
+        if served is not None and int(served["version"]) == int(record["version"]):
+            if bool(served.get("pinned")) != bool(record.get("pinned")):
+                served["pinned"] = bool(record.get("pinned"))
+                self.engine.pin_adapter(name, served["pinned"])
+            return  # (a version that failed here, unusable, is tried again: its store may have been unreachable)
         record = dict(record, request_count=(current or {}).get("request_count", 0),
                       last_used=(current or {}).get("last_used"))
         try:
