@@ -7,6 +7,7 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2
 
+from . import convert
 from .api import Methods, Stubs
 from .config import ClientConfig
 from .retry import Attempts
@@ -32,7 +33,8 @@ class AsyncClient(Methods):
 
     def call(self, method, request, timeout: float | None = None, **kwargs):
         """A raw stub call with this client's token and deadline (await it, or iterate a stream)."""
-        return method(request, metadata=self.config.metadata, timeout=timeout or self.config.timeout, **kwargs)
+        return method(request, metadata=self.config.metadata + convert.routing_metadata(request),
+                      timeout=timeout or self.config.timeout, **kwargs)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Until health says SERVING; TimeoutError after `timeout` s."""

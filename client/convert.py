@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Mapping, Sequence
 
+from loraplex.server.service.routing import ROUTING_HEADER, routing_value
 from loraplex.server.types import (ChatMessage, GenerationChunk, GenerationResult, StopReason, TokenLogprob)
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import generation_pb2 as gpb
@@ -113,3 +114,15 @@ def upload_messages(name: str, files: Iterable[tuple[str, Iterator[bytes]]], pin
     for file_name, chunks in files:
         for data in chunks:
             yield apb.UploadAdapterRequest(file_name=file_name, data=data)
+
+
+def routing_metadata(message) -> tuple[tuple[str, str], ...]:
+    """`x-loraplex-adapter` for a GenerateRequest naming adapters, so a proxy can route by adapter, and for
+    LoadAdapter / UnloadAdapter (one replica's cache: the one the adapter's requests go to); else none."""
+    if isinstance(message, (apb.LoadAdapterRequest, apb.UnloadAdapterRequest)):
+        value = message.name
+    elif isinstance(message, gpb.GenerateRequest):
+        value = routing_value([message.adapter] if message.adapter else [a.name for a in message.adapters])
+    else:
+        return ()
+    return ((ROUTING_HEADER, value),) if value and value.isascii() and value.isprintable() else ()

@@ -6,6 +6,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2
 
+from . import convert
 from .api import Methods, Stubs
 from .config import ClientConfig
 from .retry import Attempts
@@ -31,7 +32,8 @@ class Client(Methods):
     def call(self, method, request, timeout: float | None = None, **kwargs):
         """A raw stub call (`client.call(client.stubs.generation.Generate, message)`) with this client's token
         and deadline; no retry, and grpc.RpcError as grpc raises it."""
-        return method(request, metadata=self.config.metadata, timeout=timeout or self.config.timeout, **kwargs)
+        return method(request, metadata=self.config.metadata + convert.routing_metadata(request),
+                      timeout=timeout or self.config.timeout, **kwargs)
 
     def wait_ready(self, timeout: float = 60.0, alive=lambda: True) -> None:
         """Until health says SERVING; TimeoutError after `timeout` s, RuntimeError once `alive()` is False."""

@@ -227,6 +227,11 @@ class ServiceConfig:
     """S3-compatible endpoint for s3:// sources; None = boto3's (AWS_ENDPOINT_URL, else AWS)."""
     s3_region: str | None = None
     """Region for s3:// sources; None = boto3's (AWS_DEFAULT_REGION, else us-east-1)."""
+    registry_url: str = field(default="", repr=False)
+    """postgresql://... : the registry many replicas share (adapters/pg_store.py); "" = the state dir's own."""
+    shared_adapter_dir: str = ""
+    """With registry_url: where every adapter version's files are kept: a folder every replica mounts, or
+    s3://bucket/prefix (each replica then keeps its own copies in state_dir)."""
 
     def __post_init__(self):
         problems = []
@@ -254,6 +259,11 @@ class ServiceConfig:
             problems.append(f"min_free_disk_bytes={self.min_free_disk_bytes} (>= 0)")
         if not self.state_dir:
             problems.append("state_dir is empty")
+        if self.registry_url and not self.registry_url.startswith(("postgresql://", "postgres://")):
+            problems.append("registry_url must start with postgresql:// (or be empty: the state dir's registry)")
+        if bool(self.registry_url) != bool(self.shared_adapter_dir):
+            problems.append("registry_url and shared_adapter_dir go together (records in PostgreSQL, files on a "
+                            "volume every replica mounts)")
         for text in self.adapter_sources:
             try:
                 parse_rule(text)

@@ -286,6 +286,11 @@ class AdapterCache:
             device = sum(self._host[k].num_bytes for k in self._slot_of if k in self._host)
             return {"device": device, "host": host}
 
+    def resident_keys(self) -> dict[str, list[str]]:
+        """tier -> the adapter versions (`name@version`) it holds now."""
+        with self._lock:
+            return {"device": sorted(self._slot_of), "host": sorted(self._host)}
+
     def slot_refs(self) -> list[int]:
         return [s.refs for s in self._slots]
 

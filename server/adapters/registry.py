@@ -18,13 +18,17 @@ names are removed.
 Sources may also be remote (hf://, s3://; adapters/remote.py): fetched into staging with the same
 bounds, recorded as resolved (a hub revision as its commit) with the weights' sha256 like any other.
 
+Where records and files live is the store's job (adapters/registry_store.py): the state dir by default,
+or PostgreSQL plus a shared volume for many replicas (adapters/pg_store.py), whose changes by other
+replicas `sync_name` / `sync_all` apply here (adapters/registry_follower.py calls them). With a shared
+store, one replica never removes version folders (another may still serve them) nor staging.
+
 Messages name the caller's own paths (its source folder or URL, or the file names of an upload), never the
 state dir. An adapter whose config names another base model (of the same shapes) is registered with
 a warning (AdapterInfo.warnings, the log), or refused with `strict_base`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -39,18 +43,16 @@ from ..errors import AdapterMismatch, AdapterNotFound, FailedPrecondition, Inval
 from .catalog import AdapterEntry
 from .loader import load_adapter, max_weights_bytes, rank_over_max
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES, base_model_warning, read_lora_config
+from .registry_store import LocalJsonStore, RegistryStore, fsync_dir
 from .remote import RemoteStores, is_remote, open_remote, stage_remote
+from .retired import RetiredVersions
 from .sources import TooLarge, check_name, copy_source, remove_tree, resolve_source, source_files, stop_if
 from .types import check_fits
 from .upload import UploadWriter
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
 UPLOAD_SOURCE = "upload"
-RETIRED_SETTLE_SECONDS = 1.0
-"""A retired version's folder is kept at least this long: a request that looked the version up just
-before it was retired may still be on its way into the engine's queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +73,11 @@ class AdapterStatus:
 
 class AdapterRegistry:
     def __init__(self, engine, state_dir: str | Path, adapter_roots: list[str | Path], max_upload_bytes: int,
-                 min_free_disk_bytes: int = 0, strict_base: bool = False, stores: RemoteStores = RemoteStores()):
+                 min_free_disk_bytes: int = 0, strict_base: bool = False, stores: RemoteStores = RemoteStores(),
+                 store: RegistryStore | None = None):
         self.engine = engine
+        self.store = store if store is not None else LocalJsonStore(state_dir)
+        """Records and version folders: the state dir (default) or a store shared by many replicas."""
         self.stores = stores
         """Where hf:// and s3:// sources are fetched from."""
         self.state_dir = Path(state_dir)
@@ -80,34 +85,37 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.min_free_disk_bytes = min_free_disk_bytes
         self.strict_base = strict_base
-        self._retired: dict[str, tuple[Path, float]] = {}
-        """Cache key (name@version) of a replaced or deleted version -> (its folder, when it was retired)."""
+        self._retired = RetiredVersions(lambda timeout: engine.adapter_keys_in_use(timeout=timeout))
         self._lock = threading.RLock()
         self._records: dict[str, dict] = {}
-        self._last_versions: dict[str, int] = {}
         self._unusable: dict[str, dict] = {}
         """Records that failed to load at start: kept on disk untouched, not served."""
         self._stats_dirty = False
         try:
             for sub in ("adapters", "tmp"):
-                (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+                (self.store.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise FailedPrecondition(f"state dir {self.state_dir}: cannot be created ({exc.strerror})") from None
+            what = "shared adapter dir" if self.store.shared else "state dir"
+            raise FailedPrecondition(f"{what} {self.store.root}: cannot be created ({exc.strerror})") from None
 
     @property
     def path(self) -> Path:
-        return self.state_dir / "registry.json"
+        return self.store.root / "registry.json"
+
+    @property
+    def files(self) -> Path:
+        """The store's root: version folders under adapters/, staging under tmp/."""
+        return self.store.root
 
     # ---- start ----
     def restore(self) -> list[str]:
         """Register every recorded adapter again under its version; returns the names now served."""
         with self._lock:
-            remove_tree(self.state_dir / "tmp")
-            (self.state_dir / "tmp").mkdir(parents=True, exist_ok=True)
-            data = self._read()
-            self._last_versions = {k: int(v) for k, v in data.get("last_versions", {}).items()}
+            if not self.store.shared:  # shared staging may be another replica's upload in progress
+                remove_tree(self.files / "tmp")
+                (self.files / "tmp").mkdir(parents=True, exist_ok=True)
             restored = []
-            for name, record in sorted(data.get("adapters", {}).items()):
+            for name, record in sorted(self.store.read_all().records.items()):
                 try:
                     self._restore_one(name, record)
                 except Exception as exc:  # a damaged copy must not stop the others, nor the server
@@ -117,13 +125,16 @@ class AdapterRegistry:
                     continue
                 self._records[name] = record
                 restored.append(name)
-            self._remove_unreferenced()
-            log.info("registry: %d adapters restored from %s", len(restored), self.path)
+            if not self.store.shared:
+                self._remove_unreferenced()
+            log.info("registry: %d adapters restored from %s", len(restored), type(self.store).__name__)
             return restored
 
     def _restore_one(self, name: str, record: dict) -> None:
         """Validate the kept copy as at registration, and check it is the very file that was registered."""
-        engine, folder = self.engine, self.state_dir / record["path"]
+        engine, folder = self.engine, self.files / record["path"]
+        if not folder.exists():  # a version another replica registered, kept outside this replica's disk
+            self.store.fetch(record["path"], folder)
         weights = load_adapter(folder, engine.arch, engine.config.lora.max_lora_rank, name)
         if record.get("sha256") and weights.sha256 != record["sha256"]:
             raise InvalidAdapter(f"{folder / 'adapter_model.safetensors'} changed on disk since it was registered "
@@ -132,26 +143,60 @@ class AdapterRegistry:
         engine.register_weights(name, replace(weights, source=str(folder)), pin=bool(record.get("pinned")),
                                 version=int(record["version"]), registered_at=record.get("registered_at"))
 
-    def _read(self) -> dict:
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-            return data
-        except (ValueError, OSError, AttributeError, RecursionError) as exc:
-            raise FailedPrecondition(f"state dir: {self.path} cannot be read ({exc}); fix or move it away "
-                                     "(the server never overwrites a registry it cannot read)") from None
-
     def _remove_unreferenced(self) -> None:
-        keep = {(self.state_dir / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}
-        for folder in (self.state_dir / "adapters").glob("*/v*"):
+        keep = {(self.files / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}
+        for folder in (self.files / "adapters").glob("*/v*"):
             if folder.resolve() not in keep:
                 remove_tree(folder)
-        for folder in (self.state_dir / "adapters").iterdir():
+        for folder in (self.files / "adapters").iterdir():
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
+
+    # ---- following a shared store ----
+    def sync_name(self, name: str) -> None:
+        """Make this replica serve what the store holds for `name` now (another replica changed it)."""
+        with self._lock:  # read under the lock: a registration here cannot slip between the read and its apply
+            self._apply(name, self.store.read(name))
+
+    def sync_all(self) -> None:
+        """Catch up with the whole store (on start, and whenever the database comes back)."""
+        with self._lock:
+            stored = self.store.read_all().records
+            for name in sorted({*self._records, *self._unusable} - set(stored)):
+                self._apply(name, None)
+            for name, record in sorted(stored.items()):
+                self._apply(name, record)
+
+    def _apply(self, name: str, record: dict | None) -> None:
+        """Lock held: serve `record` as `name`'s current version (None: unregistered), checking its sha256."""
+        current = self._records.get(name) or self._unusable.get(name)
+        if record is None:
+            if current is not None:
+                self._unusable.pop(name, None)
+                if self._records.pop(name, None) is not None:
+                    self.engine.delete_adapter(name)
+                log.info("adapter %s: deleted (by another replica)", name)
+            return
+        served = self._records.get(name)
+        if served is not None and int(served["version"]) == int(record["version"]):
+            if bool(served.get("pinned")) != bool(record.get("pinned")):
+                served["pinned"] = bool(record.get("pinned"))
+                self.engine.pin_adapter(name, served["pinned"])
+            return  # (a version that failed here, unusable, is tried again: its store may have been unreachable)
+        record = dict(record, request_count=(current or {}).get("request_count", 0),
+                      last_used=(current or {}).get("last_used"))
+        try:
+            self._restore_one(name, record)
+        except Exception as exc:  # keep serving what this replica has; the record stays visible as unusable
+            log.error("adapter %s@%s: not served here (%s)", name, record.get("version"), exc)
+            self._unusable[name] = record
+            return
+        self._records[name] = record
+        self._unusable.pop(name, None)
+        log.info("adapter %s: version %s now served (registered by another replica)", name, record["version"])
+
+    def close(self) -> None:
+        self.store.close()
 
     # ---- registration ----
     def register(self, name: str, source: str, pin: bool = False, preload: bool = False,
@@ -184,13 +229,13 @@ class AdapterRegistry:
 
     def check_free(self, num_bytes: int) -> None:
         """ResourceExhausted when writing `num_bytes` more would leave less than min_free_disk_bytes free."""
-        free = shutil.disk_usage(self.state_dir / "tmp").free
+        free = shutil.disk_usage(self.files / "tmp").free
         if free - num_bytes < self.min_free_disk_bytes:
             raise ResourceExhausted(f"disk: the server's state dir has {free} bytes free; {num_bytes} more would leave "
                                     f"less than the {self.min_free_disk_bytes} bytes it keeps free")
 
     def new_staging(self) -> Path:
-        staging = self.state_dir / "tmp" / uuid.uuid4().hex
+        staging = self.files / "tmp" / uuid.uuid4().hex
         staging.mkdir(parents=True)
         return staging
 
@@ -248,37 +293,40 @@ class AdapterRegistry:
                 raise AdapterMismatch(f"adapter {name!r}: {warnings[0]}; this server runs with --strict-base")
             stop_if(should_stop)
             with self._lock:
-                version = max(self._last_versions.get(name, 0), engine.catalog.last_version(name)) + 1
-                final = self.state_dir / "adapters" / name / f"v{version}"
+                version = self.store.next_version(name, after=engine.catalog.last_version(name))
+                final = self.files / "adapters" / name / f"v{version}"
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
+                self.store.publish(final, str(final.relative_to(self.files)))
                 previous = self._records.get(name)
                 unusable = self._unusable.get(name)
                 record = dict(version=version, sha256=weights.sha256, source=source,
-                              path=str(final.relative_to(self.state_dir)),
+                              path=str(final.relative_to(self.files)),
                               pinned=bool(pin), registered_at=time.time(),
                               request_count=previous["request_count"] if previous else 0,
                               last_used=previous["last_used"] if previous else None, warnings=warnings)
+                if not self.store.put(name, record):  # another replica's newer version is current already
+                    log.info("adapter %s: version %d recorded, and superseded at once by a newer one", name, version)
+                    self._apply(name, self.store.read(name))
+                    return engine.catalog.get(name)
                 self._records[name] = record
-                self._last_versions[name] = version
                 self._unusable.pop(name, None)
                 try:
-                    self.save()
                     entry = engine.register_weights(name, replace(weights, source=str(final)), pin=pin,
                                                     version=version, registered_at=record["registered_at"])
                 except BaseException:
                     self._records.pop(name) if previous is None else self._records.__setitem__(name, previous)
                     if unusable is not None:
                         self._unusable[name] = unusable
-                    self.save()
+                    self.store.revert(name, version, previous if previous is not None else unusable)
                     raise
                 for old in (previous, unusable):
                     if old is not None:
-                        self._retire(f"{name}@{old['version']}", self.state_dir / old["path"])
+                        self._retire(f"{name}@{old['version']}", self.files / old["path"])
         except BaseException:
             remove_tree(staging)
-            if final is not None and self._records.get(name, {}).get("path") != str(final.relative_to(self.state_dir)):
+            if final is not None and self._records.get(name, {}).get("path") != str(final.relative_to(self.files)):
                 remove_tree(final)
             raise
         log.info("adapter %s registered: version %d from %s (%d bytes)", name, version, source, entry.num_bytes)
@@ -295,18 +343,11 @@ class AdapterRegistry:
         with self._lock:
             if name not in self._records and name not in self._unusable:
                 raise AdapterNotFound(f"adapter {name!r} is not registered", field="name")
+            self.store.remove(name)
             previous = self._records.pop(name, None)
             unusable = self._unusable.pop(name, None)
-            try:
-                self.save()
-            except BaseException:
-                if previous is not None:
-                    self._records[name] = previous
-                if unusable is not None:
-                    self._unusable[name] = unusable
-                raise
             old = previous if previous is not None else unusable
-            self._retire(f"{name}@{old['version']}", self.state_dir / old["path"])
+            self._retire(f"{name}@{old['version']}", self.files / old["path"])
             if previous is None:  # it failed to load at start: only its record existed
                 return AdapterEntry(name=name, version=int(unusable["version"]), source=unusable.get("source", ""),
                                     sha256=unusable.get("sha256", ""), rank=0, alpha=0.0, target_modules=(),
@@ -315,8 +356,10 @@ class AdapterRegistry:
 
     # ---- retired versions ----
     def _retire(self, key: str, folder: Path) -> None:
-        """Lock held: `folder` (of version `key`) is no longer registered; sweep_retired removes it."""
-        self._retired[key] = (folder, time.monotonic())
+        """`folder` (of version `key`) is no longer registered; sweep_retired removes it (never in a shared
+        store: other replicas may still serve it)."""
+        if not self.store.shared:
+            self._retired.add(key, folder)
 
     @property
     def has_retired(self) -> bool:
@@ -324,44 +367,17 @@ class AdapterRegistry:
 
     def sweep_retired(self) -> list[str]:
         """Remove the folders of retired versions that no queued or running request uses; their keys."""
-        now = time.monotonic()
+        return self._retired.sweep(self._live_folders)
+
+    def _live_folders(self) -> set[Path]:
         with self._lock:
-            due = [key for key, (_, since) in self._retired.items() if now - since >= RETIRED_SETTLE_SECONDS]
-        if not due:
-            return []
-        try:
-            in_use = self.engine.adapter_keys_in_use(timeout=5.0)
-        except TimeoutError:  # the engine is stopping (or one step is very long): next round
-            return []
-        removed = []
-        with self._lock:
-            live = {(self.state_dir / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}
-            for key in due:
-                if key in in_use or key not in self._retired:
-                    continue
-                folder, _ = self._retired.pop(key)
-                if folder.resolve() in live:  # defensive: never remove what a record still names
-                    continue
-                remove_tree(folder)
-                try:
-                    folder.parent.rmdir()  # the name's folder, once its last version is gone
-                except OSError:
-                    pass
-                removed.append(key)
-        if removed:
-            log.info("removed the files of retired adapter versions %s", ", ".join(removed))
-        return removed
+            return {(self.files / r["path"]).resolve() for r in [*self._records.values(), *self._unusable.values()]}
 
     def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
         with self._lock:
             record = self._record(name)
-            old = record["pinned"]
+            self.store.set_pinned(name, pinned)
             record["pinned"] = pinned
-            try:
-                self.save()
-            except BaseException:
-                record["pinned"] = old
-                raise
             entry = self.engine.pin_adapter(name, pinned)
         self.engine.run_on_engine_thread(lambda: None)  # the pin happens between steps: wait for it
         return entry
@@ -417,23 +433,9 @@ class AdapterRegistry:
 
     # ---- persistence ----
     def save(self) -> None:
-        """Write registry.json atomically: a synced temporary file renamed over the old one."""
+        """Hand the use counts to the store (the local one rewrites registry.json atomically)."""
         with self._lock:
-            data = dict(format=FORMAT, adapters={**self._unusable, **self._records},
-                        last_versions=self._last_versions)
-            tmp = self.path.with_name(f".registry.json.{os.getpid()}.tmp")
-            with open(tmp, "w") as handle:
-                json.dump(data, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(self.state_dir)
+            records = {**self._unusable, **self._records}
+            self.store.save_stats({name: (int(r.get("request_count", 0)), r.get("last_used"))
+                                   for name, r in records.items()})
             self._stats_dirty = False
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+from pathlib import Path
 from typing import Iterator
 
 import boto3
@@ -47,6 +48,14 @@ class S3Source:
     @property
     def resolved(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def upload(self, folder: Path) -> None:
+        """Put an adapter folder's two files under this prefix (the shared registry's version store)."""
+        client = _client(self.stores.s3_endpoint_url, self.stores.s3_region)
+        for name in ADAPTER_FILES:
+            key = f"{self.prefix}/{name}" if self.prefix else name
+            with self._errors(f"s3://{self.bucket}/{key}"):
+                client.upload_file(str(folder / name), self.bucket, key)
 
     def files(self) -> dict[str, RemoteFile]:
         client = _client(self.stores.s3_endpoint_url, self.stores.s3_region)

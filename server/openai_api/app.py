@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from ..errors import Cancelled, LoraplexError
 from ..service.auth import check_bearer
 from ..service.generations import Generations, RequestFactory
+from ..service.routing import ROUTING_HEADER
 from ..service.runtime import Runtime
 from .errors import error_body, error_response, from_loraplex
 from .limits import BodyLimit
@@ -83,7 +84,7 @@ class OpenAIRoutes:
     async def _respond(self, make_request: RequestFactory, rendering: Rendering, body, request: Request):
         """Until the response starts, a client that goes away cancels its request (as a gRPC cancel does);
         a stream is cancelled by Starlette when its client goes away."""
-        stream = self.generations.run(make_request, None)
+        stream = self.generations.run(make_request, None, request.headers.get(ROUTING_HEADER))
         if not body.stream:
             return JSONResponse(rendering.whole(await _unless_disconnected(request, _collect(stream))))
         try:

@@ -18,6 +18,7 @@ from ..engine.requests import check_sizes
 from ..errors import Cancelled, LoraplexError, Unavailable
 from ..types import GenerationChunk, GenerationRequest
 from .metrics import OTHER_LABEL
+from .routing import check_routing_header, request_names
 from .runtime import Runtime
 
 RequestFactory = Callable[[float | None], GenerationRequest]
@@ -28,8 +29,10 @@ class Generations:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
 
-    async def run(self, make_request: RequestFactory, remaining: float | None) -> AsyncIterator[GenerationChunk]:
-        """The request's chunks as the engine emits them (the last one `finished`, maybe with `error`)."""
+    async def run(self, make_request: RequestFactory, remaining: float | None,
+                  routing_header: str | None = None) -> AsyncIterator[GenerationChunk]:
+        """The request's chunks as the engine emits them (the last one `finished`, maybe with `error`);
+        `routing_header`: the x-loraplex-adapter value the caller sent (None: none), checked against the request."""
         started = time.monotonic()
         runtime = self.runtime
         engine = runtime.require_engine()
@@ -39,7 +42,8 @@ class Generations:
             request = make_request(started + remaining if remaining is not None else None)
             check_sizes(request, engine.limits)  # bytes only, on the loop: an oversized prompt is refused at once
             label = self._label(request, registered=False)
-            names = [request.adapter] if request.adapter else [a.name for a in request.adapters]
+            check_routing_header(routing_header, request)
+            names = request_names(request)
             if runtime.first_use is not None:  # an unregistered name a rule takes is registered first, once
                 await runtime.first_use.ensure(names)
             loop = asyncio.get_running_loop()

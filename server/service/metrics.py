@@ -72,6 +72,13 @@ class EngineCollector:
         for tier, num_bytes in engine.cache.resident_bytes().items():
             resident_bytes.add_metric([tier], num_bytes)
         yield resident_bytes
+        held = GaugeMetricFamily(
+            "loraplex_adapters_held_info", "Which adapter versions this replica holds per tier (value 1; the "
+            "`adapters` label joins name@version by ','), for routers that prefer the replica holding an adapter.",
+            labels=["tier", "adapters"])
+        for tier, keys in engine.cache.resident_keys().items():
+            held.add_metric([tier, ",".join(keys)], 1)
+        yield held
         yield GaugeMetricFamily("loraplex_adapters_registered", "Registered adapters.",
                                 value=len(engine.catalog.list()))
 

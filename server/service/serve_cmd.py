@@ -61,6 +61,12 @@ def add_serve_parser(sub) -> None:
     add("--hf-cache-dir", help="huggingface_hub cache for hf:// sources (default: HF_HUB_CACHE)")
     add("--s3-endpoint-url", help="S3-compatible endpoint for s3:// sources (default: boto3's, AWS_ENDPOINT_URL)")
     add("--s3-region", help="region for s3:// sources (default: boto3's, AWS_DEFAULT_REGION, else us-east-1)")
+    add("--registry-url", env="LORAPLEX_REGISTRY_URL", metavar="postgresql://...",
+        help="share the adapter registry with other replicas through PostgreSQL (with --shared-adapter-dir; "
+             "default: this server's own registry in --state-dir)")
+    add("--shared-adapter-dir", metavar="DIR|s3://BUCKET/PREFIX",
+        help="with --registry-url: where adapter versions are kept, a folder every replica mounts or an "
+             "S3-compatible prefix (--s3-endpoint-url; each replica keeps its copies in --state-dir)")
     add("--max-message-bytes", type=int, default=16 << 20,
         help="largest gRPC message received (text requests past their context are refused before parsing)")
     add("--request-workers", type=int, default=2, help="threads that validate and tokenize requests")
@@ -98,7 +104,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
         request_workers=args.request_workers, max_pending_requests=args.max_pending_requests,
         max_message_bytes=args.max_message_bytes, adapter_sources=tuple(args.adapter_source or ()),
         hf_endpoint=args.hf_endpoint, hf_cache_dir=args.hf_cache_dir, s3_endpoint_url=args.s3_endpoint_url,
-        s3_region=args.s3_region)
+        s3_region=args.s3_region, registry_url=args.registry_url or "",
+        shared_adapter_dir=_shared_dir(args.shared_adapter_dir))
     from ..cli import resolve_device
 
     device = resolve_device(args.device)
@@ -118,6 +125,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
                                   long_prefill_token_threshold=args.long_prefill_token_threshold),
         cache_dir=args.cache_dir)
     return service, engine
+
+
+def _shared_dir(given: str | None) -> str:
+    """A folder made absolute; an s3://bucket/prefix as it is."""
+    if not given or given.startswith("s3://"):
+        return given or ""
+    return str(Path(given).resolve())
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -20,11 +20,12 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 from ..adapters.registry import AdapterRegistry
+from ..adapters.registry_store import LocalJsonStore, RegistryStore
 from ..adapters.remote import RemoteStores
 from ..adapters.source_rules import parse_rule
 from ..config import EngineConfig, ServiceConfig
 from ..engine.requests import max_request_bytes
-from ..errors import ConfigError
+from ..errors import ConfigError, Unavailable
 from .admin import AdaptersServicer
 from .first_use import FirstUseLoader
 from .generations import Generations
@@ -86,13 +87,15 @@ class LoraplexServer:
         self._health_server: grpc.aio.Server | None = None
         self._flusher: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
+        self.follower = None
+        """RegistryFollower with a shared registry (--registry-url): other replicas' changes reach this engine."""
 
     async def start(self) -> None:
         """Listen (health NOT_SERVING until load() finishes)."""
         config = self.config
         server = grpc.aio.server(
             interceptors=[TokenAuthInterceptor(config.admin_tokens, config.generation_tokens),
-                          ErrorInterceptor(_state_dir_scrubber(config.state_dir)),
+                          ErrorInterceptor(_state_dir_scrubber(config)),
                           DecodeInterceptor(self._request_limit)],
             options=[("grpc.max_receive_message_length", config.max_message_bytes), ("grpc.so_reuseport", 0)])
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.runtime), server)
@@ -122,15 +125,26 @@ class LoraplexServer:
         config = self.config
         stores = RemoteStores(hf_endpoint=config.hf_endpoint, hf_cache_dir=config.hf_cache_dir,
                               s3_endpoint_url=config.s3_endpoint_url, s3_region=config.s3_region)
+        store = _registry_store(config, stores)
         registry = AdapterRegistry(engine, config.state_dir, list(config.adapter_roots), config.max_upload_bytes,
                                    min_free_disk_bytes=config.min_free_disk_bytes, strict_base=config.strict_base,
-                                   stores=stores)
+                                   stores=stores, store=store)
         try:
             await asyncio.to_thread(registry.restore)
+        except Unavailable as exc:
+            if not store.shared:
+                engine.stop()
+                raise
+            log.warning("%s; starting with no adapters, they arrive when the database is back", exc)
         except BaseException:
             engine.stop()
             raise
         engine.start()
+        if store.shared:
+            from ..adapters.registry_follower import RegistryFollower
+
+            self.follower = RegistryFollower(config.registry_url, registry.sync_name, registry.sync_all)
+            self.follower.start()
         if config.adapter_sources:
             rules = tuple(parse_rule(text) for text in config.adapter_sources)
             self.runtime.first_use = FirstUseLoader(rules, registry, lambda: self.runtime.draining)
@@ -146,6 +160,8 @@ class LoraplexServer:
         self.runtime.draining = True  # new calls: UNAVAILABLE from here on
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         engine, registry = self.runtime.engine, self.runtime.registry
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop)
         for task in (self._flusher, self._sweeper):
             if task is not None:
                 task.cancel()
@@ -154,6 +170,7 @@ class LoraplexServer:
         await self._stop_listeners()
         if registry is not None:
             await asyncio.to_thread(registry.save)
+            registry.close()
         if self.runtime.metrics is not None:
             self.runtime.metrics.close()
         self.runtime.workers.close()
@@ -228,11 +245,25 @@ class LoraplexServer:
                     log.exception("sweeping retired adapter versions failed")
 
 
-def _state_dir_scrubber(state_dir: str) -> Scrubber:
-    """Client-bound messages show `<state dir>` where the server's state dir would appear."""
-    given = str(state_dir)
-    hidden = {given: "<state dir>", str(Path(given).absolute()): "<state dir>",
-              str(Path(given).resolve()): "<state dir>"}
+def _registry_store(config: ServiceConfig, stores: RemoteStores) -> RegistryStore:
+    """PostgreSQL + the shared folder (or S3 prefix) with --registry-url, else the state dir's registry.json."""
+    if not config.registry_url:
+        return LocalJsonStore(config.state_dir)
+    from ..adapters.pg_store import PostgresStore  # psycopg only when a shared registry is asked for
+
+    if config.shared_adapter_dir.startswith("s3://"):
+        from ..adapters.s3_versions import S3VersionFiles
+
+        return PostgresStore(config.registry_url, config.state_dir, S3VersionFiles(config.shared_adapter_dir, stores))
+    return PostgresStore(config.registry_url, config.shared_adapter_dir)
+
+
+def _state_dir_scrubber(config: ServiceConfig) -> Scrubber:
+    """Client-bound messages show `<state dir>` (or `<shared dir>`) where the server's own folders would appear."""
+    hidden = {}
+    for folder, shown in ((config.shared_adapter_dir, "<shared dir>"), (config.state_dir, "<state dir>")):
+        if folder and not folder.startswith("s3://"):
+            hidden.update({folder: shown, str(Path(folder).absolute()): shown, str(Path(folder).resolve()): shown})
     return Scrubber(hidden)
 
 

@@ -21,6 +21,7 @@ from ..errors import FailedPrecondition, InvalidArgument
 from ..types import GenerationRequest
 from . import convert
 from .generations import Generations
+from .routing import ROUTING_HEADER
 from .runtime import Runtime
 
 
@@ -47,8 +48,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def _run(self, message, context):
         """The request's chunks as the engine emits them (service/generations.py)."""
+        header = next((value for key, value in context.invocation_metadata() or () if key == ROUTING_HEADER), None)
         return self.generations.run(lambda deadline: convert.request_from_proto(message, deadline),
-                                    context.time_remaining())
+                                    context.time_remaining(), header)
 
     async def Tokenize(self, request, context):
         engine = self.runtime.require_engine()

@@ -6,6 +6,7 @@ nothing is deployed here: the README says so."""
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,9 @@ VALUE_SETS = {
     },
     "cpu-ephemeral": {"gpu": {"enabled": False}, "persistence": {"enabled": False}, "http": {"enabled": False},
                       "auth": {"existingSecret": "my-tokens"}},
+    "many-replicas": {"replicaCount": 3, "persistence": {"enabled": False}, "proxy": {"enabled": True},
+                      "sharedRegistry": {"enabled": True, "url": "postgresql://loraplex:pw@db:5432/loraplex",
+                                         "adapterVolume": {"claimName": "adapters"}}},
 }
 
 
@@ -51,7 +55,12 @@ def render(values: dict, tmp_path: Path) -> list[dict]:
 
 
 def by_kind(docs: list[dict]) -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in docs}
+    """The server's own objects by kind (the proxy's and the headless Service: `proxy_docs`)."""
+    return {doc["kind"]: doc for doc in docs if not doc["metadata"]["name"].endswith(("-proxy", "-headless"))}
+
+
+def proxy_docs(docs: list[dict]) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in docs if doc["metadata"]["name"].endswith("-proxy")}
 
 
 def serve_args(argv: list[str]) -> argparse.Namespace:
@@ -84,7 +93,9 @@ def test_rendered_manifests_pass_kubernetes_schemas(name, tmp_path):
     expected = {"defaults": ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"],
                 "tls-auth-monitoring": ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
                                         "Secret", "Service", "ServiceMonitor"],
-                "cpu-ephemeral": ["ConfigMap", "Deployment", "Service"]}[name]
+                "cpu-ephemeral": ["ConfigMap", "Deployment", "Service"],
+                "many-replicas": ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "Secret", "Service", "Service",
+                                  "Service"]}[name]
     assert kinds == expected
 
 
@@ -140,12 +151,80 @@ def test_probes_resources_and_security(name, tmp_path):
     assert pod["terminationGracePeriodSeconds"] > 30  # beyond the server's default drain (grace-seconds 30)
 
 
-def test_missing_required_values_are_named(tmp_path):
+def test_shared_registry_reaches_every_replica_s_settings(tmp_path):
+    docs = render(VALUE_SETS["many-replicas"], tmp_path)
+    server = by_kind(docs)
+    config = tmp_path / "loraplex.toml"
+    config.write_text(server["ConfigMap"]["data"]["loraplex.toml"])
+    pod = server["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    secret_ref = env["LORAPLEX_REGISTRY_URL"]["valueFrom"]["secretKeyRef"]
+    assert secret_ref == {"name": server["Secret"]["metadata"]["name"], "key": "url"}
+    url = server["Secret"]["stringData"]["url"]
+    from loraplex.server.cli import build_parser
+    from loraplex.server.service.serve_cmd import configs_from_args
+    from loraplex.server.settings import read_config_file
+
+    args = build_parser().parse_args(["--config", str(config), "serve"])
+    args._layers.resolve(args, read_config_file(args.config), environ={"LORAPLEX_REGISTRY_URL": url})
+    service, _ = configs_from_args(args)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert service.registry_url == url and service.shared_adapter_dir == mounts["shared-adapters"]
+    assert {"name": "shared-adapters", "persistentVolumeClaim": {"claimName": "adapters"}} in pod["volumes"]
+    assert server["Deployment"]["spec"]["replicas"] == 3
+
+
+def test_proxy_hashes_on_the_adapter_header_over_the_replicas(tmp_path):
+    """The chart's nginx.conf, checked by Debian's nginx -t (1.22: without 1.27.3's `resolve` and `http2 on`,
+    which are rewritten to what 1.22 accepts; the hash, grpc_pass and retry lines are checked as they are)."""
+    docs = render(VALUE_SETS["many-replicas"], tmp_path)
+    proxy = proxy_docs(docs)
+    headless = next(d for d in docs if d["metadata"]["name"].endswith("-headless"))
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == by_kind(docs)["Service"]["spec"]["selector"]
+    text = proxy["ConfigMap"]["data"]["nginx.conf"]
+    assert text.count("hash $http_x_loraplex_adapter consistent;") == 2 and "grpc_pass grpc://loraplex_grpc;" in text
+    assert f"server {headless['metadata']['name']}.default.svc.cluster.local:50051 resolve" in text
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (tests/service/test_many_replicas.py installs it)")
+    old = re.sub(r"server \S+:(\d+) resolve", r"server 127.0.0.1:\1", text).replace("zone ", "# zone ")
+    old = re.sub(r"listen (\d+);\n(\s+)http2 on;", r"listen 127.0.0.1:\1 http2;", old)
+    old = old.replace("listen 8000;", "listen 127.0.0.1:8000;").replace("resolver ", "# resolver ")
+    (tmp_path / "nginx.conf").write_text(old)
+    done = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pod = proxy["Deployment"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"][-1] == "/etc/loraplex-proxy/nginx.conf"
+    assert pod["securityContext"]["runAsNonRoot"]
+
+
+def test_envoy_config_routes_by_the_adapter_header():
+    """deploy/envoy/envoy.yaml as far as this machine can check it (no Envoy binary in Debian or PyPI):
+    ring hash on x-loraplex-adapter, gRPC health checks, retries on UNAVAILABLE to another host."""
+    config = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    route = manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    cluster = config["static_resources"]["clusters"][0]
+    assert route["hash_policy"] == [{"header": {"header_name": "x-loraplex-adapter"}}]
+    assert "unavailable" in route["retry_policy"]["retry_on"].split(",")
+    assert route["retry_policy"]["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    assert cluster["lb_policy"] == "RING_HASH" and route["cluster"] == cluster["name"]
+    assert "grpc_health_check" in cluster["health_checks"][0]
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"tls": {"enabled": True}}, "tls.secretName is required"),
+    ({"sharedRegistry": {"enabled": True, "adapterVolume": {"claimName": "a"}}}, "sharedRegistry.url (or"),
+    ({"sharedRegistry": {"enabled": True, "existingSecret": "db"}}, "sharedRegistry.adapterVolume.claimName is")])
+def test_missing_required_values_are_named(tmp_path, values, named):
     values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump({"tls": {"enabled": True}}))
+    values_file.write_text(yaml.safe_dump(values))
     done = subprocess.run([helm(), "template", "lp", str(CHART), "-f", str(values_file)], capture_output=True,
                           text=True)
-    assert done.returncode != 0 and "tls.secretName is required" in done.stderr
+    assert done.returncode != 0 and named in done.stderr
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -221,3 +300,12 @@ def test_compose_file_parses_and_its_references_resolve():
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git"} <= set(ignored)
+
+
+def test_shared_registry_with_versions_in_s3_mounts_no_volume(tmp_path):
+    values = {"replicaCount": 2, "sharedRegistry": {"enabled": True, "url": "postgresql://lp@db/lp",
+                                                    "s3": "s3://adapters/loraplex"}}
+    server = by_kind(render(values, tmp_path))
+    config = tomllib.loads(server["ConfigMap"]["data"]["loraplex.toml"])
+    assert config["serve"]["shared-adapter-dir"] == "s3://adapters/loraplex"
+    assert "shared-adapters" not in {v["name"] for v in server["Deployment"]["spec"]["template"]["spec"]["volumes"]}

@@ -82,6 +82,17 @@ def register_examples(target: str, names) -> None:
             client.register_adapter(name, name)
 
 
+def registers(client, name: str, source: str) -> bool:
+    """Whether `client.register_adapter(name, source)` went through (False: UNAVAILABLE, e.g. no database)."""
+    from loraplex.client import Unavailable
+
+    try:
+        client.register_adapter(name, source)
+    except Unavailable:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def client(server):
     """A client of the module's `server` fixture (modules may define their own)."""

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -159,3 +160,19 @@ def test_every_dashboard_query_returns_data_from_a_live_server(server, prometheu
     assert {r["metric"]["adapter"] for r in per_adapter} >= {"base", "mix", *NAMES}
     evictions = query(prometheus, "loraplex_adapter_cache_evictions_total")
     assert float(evictions[0]["value"][1]) > 0  # four adapters over two slots
+
+
+def test_held_adapters_gauge_names_each_tier_s_versions(server):
+    """loraplex_adapters_held_info: what a smarter router reads to prefer the replica holding an adapter."""
+    with Client(ClientConfig(target=server.target, timeout=60)) as client:
+        version = client.pin_adapter("caps").version  # pinned: in a device slot until unpinned (2 slots here)
+        try:
+            held = {}
+            for key in server.metrics():
+                if key.startswith("loraplex_adapters_held_info{"):
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
+                    held[labels["tier"]] = set(filter(None, labels["adapters"].split(",")))
+        finally:
+            client.unpin_adapter("caps")
+        assert set(held) == {"device", "host"} and f"caps@{version}" in held["device"]
+        assert all(key.partition("@")[0] in NAMES for keys in held.values() for key in keys)

@@ -322,3 +322,45 @@ def test_readme_curl_against_loraplex_serve(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, log.read_text()
+
+
+@pytest.mark.parametrize("header, model, ok", [("caps", "caps", True), ("caps", "caps@1", True),
+                                                ("pirate", "caps", False), ("caps", "base", False)])
+def test_routing_header_must_name_the_request_s_adapter_http(server, header, model, ok):
+    body = json.dumps({"model": model, "prompt": "Hi", "max_tokens": 1})
+    status, reply = raw(server, "/completions", body, {"x-loraplex-adapter": header})
+    if ok:
+        assert status == 200, reply
+    else:
+        assert status == 400 and reply["error"]["param"] == "x-loraplex-adapter", reply
+        assert "x-loraplex-adapter" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize("header, fields, ok", [
+    ("caps", dict(adapter="caps"), True), ("pirate, caps", dict(adapters=["caps", "pirate"]), True),
+    ("pirate", dict(adapter="caps"), False), ("caps", dict(adapters=["caps", "pirate"]), False),
+    ("caps", {}, False)])
+def test_routing_header_must_name_the_request_s_adapters_grpc(stub, header, fields, ok):
+    if "adapters" in fields:
+        fields = dict(adapters=[gpb.AdapterWeight(name=n, weight=0.5) for n in fields["adapters"]])
+    request = gpb.GenerateRequest(prompt="Hi", stopping=gpb.StoppingCriteria(max_new_tokens=1), **fields)
+    if ok:
+        assert stub.Generate(request, metadata=[("x-loraplex-adapter", header)], timeout=60).generated_tokens == 1
+        return
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, metadata=[("x-loraplex-adapter", header)], timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-loraplex-adapter" in info.value.details()
+    assert ("loraplex-field", "x-loraplex-adapter") in (info.value.trailing_metadata() or ())
+
+
+def test_client_sends_the_routing_header_for_its_adapters():
+    from loraplex.client.convert import generate_request, routing_metadata
+
+    assert routing_metadata(generate_request("Hi", adapter="caps")) == (("x-loraplex-adapter", "caps"),)
+    assert routing_metadata(generate_request("Hi", adapters={"caps": 0.5, "pirate": 0.5})) == (
+        ("x-loraplex-adapter", "caps,pirate"),)
+    assert routing_metadata(generate_request("Hi")) == ()
+    from loraplex.v1 import adapters_pb2 as apb
+
+    assert routing_metadata(apb.LoadAdapterRequest(name="caps")) == (("x-loraplex-adapter", "caps"),)
+    assert routing_metadata(apb.RegisterAdapterRequest(name="caps", source="caps")) == ()

@@ -30,3 +30,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "loraplex.claimName" -}}
 {{- .Values.persistence.existingClaim | default (printf "%s-state" (include "loraplex.fullname" .)) -}}
 {{- end -}}
+
+{{- define "loraplex.registrySecret" -}}
+{{- .Values.sharedRegistry.existingSecret | default (printf "%s-registry" (include "loraplex.fullname" .)) -}}
+{{- end -}}
