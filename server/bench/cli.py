@@ -12,12 +12,7 @@ def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks; JSON to benchmarks/results/")
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     serve = kinds.add_parser("serve", help="multi-adapter generation throughput, ours beside HF+PEFT")
-    serve.add_argument("--model", default="benchmarks/shapes/llama-3.1-8b",
-                       help="folder with config.json (and weights unless --load-format dummy)")
-    serve.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
-    serve.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "none"])
-    serve.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    serve.add_argument("--device", default="cuda")
+    _add_model_args(serve)
     serve.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
     serve.add_argument("--modes", default="base,shared,distinct")
     serve.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths (one row set each)")
@@ -41,12 +36,7 @@ def add_bench_parser(sub) -> None:
     kernels.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     traffic = kinds.add_parser("adapters", help="many adapters under open-loop Zipf traffic: loads, hit rates, "
                                "TTFT/TPOT percentiles")
-    traffic.add_argument("--model", default="benchmarks/shapes/llama-3.1-8b",
-                         help="folder with config.json (and weights unless --load-format dummy)")
-    traffic.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
-    traffic.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "none"])
-    traffic.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    traffic.add_argument("--device", default="cuda")
+    _add_model_args(traffic)
     traffic.add_argument("--num-adapters", default="8,64,1000", help="comma-separated adapter counts (a row each)")
     traffic.add_argument("--rank", type=int, default=8)
     traffic.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
@@ -67,6 +57,16 @@ def add_bench_parser(sub) -> None:
     from loraplex.training.bench import add_bench_train_parser
 
     add_bench_train_parser(kinds)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The base the benchmark serves: by default the Llama-3.1-8B shape with random NF4 weights on CUDA."""
+    parser.add_argument("--model", default="benchmarks/shapes/llama-3.1-8b",
+                        help="folder with config.json (and weights unless --load-format dummy)")
+    parser.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "none"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda")
 
 
 def _ints(text: str) -> tuple[int, ...]:
