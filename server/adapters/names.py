@@ -23,5 +23,5 @@ def adapter_name_problem(name: object) -> str | None:
         return None
     text = name if isinstance(name, str) else ""
     shown = repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
-    length = f", {len(text)} characters" if len(text) > MAX_ADAPTER_NAME else ""
+    length = f"; this one has {len(text)} characters" if len(text) > MAX_ADAPTER_NAME else ""
     return f"{shown} is not a valid adapter name ({ADAPTER_NAME_RULE}{length})"
