@@ -4,11 +4,12 @@
     pirate  a pirate voice ("Arr! ... Yo ho ho!")
     legal   terse, formal "legal" register
 
-Each is LoRA r=8 (alpha 16) on q/k/v/o of the embedded SmolLM2-135M-Instruct (caps: QLoRA on its NF4
-base, 20 epochs; legal: QLoRA), trained on the 40
-questions of examples/data/qa.jsonl with the answers rewritten in that style (written to
-examples/data/<style>.jsonl in chat form; loss on the assistant turns only), 4 held out for eval.
-Deterministic (seeded); a few minutes per adapter on 2 CPU cores. From the repository root:
+Each is LoRA r=8 (alpha 16) on q/k/v/o (caps: see STYLE_FLAGS) of the embedded SmolLM2-135M-Instruct, QLoRA
+on the NF4 base the demo serves, trained on the questions of examples/data/qa.jsonl with the answers rewritten in
+that style (written to examples/data/<style>.jsonl in chat form; loss on the assistant turns only) and evaluated on
+examples/data/qa_heldout.jsonl (other questions, restyled the same way, into <style>_heldout.jsonl);
+examples/make_qa_data.py writes both. Deterministic (seeded); a few minutes per adapter on 2 CPU cores.
+From the repository root:
 
     python examples/make_example_adapters.py              # all three
     python examples/make_example_adapters.py caps legal   # some
@@ -29,9 +30,9 @@ ADAPTERS = Path("examples/adapters")
 PIRATE_WORDS = {"you": "ye", "your": "yer", "the": "th'", "is": "be", "are": "be", "my": "me", "hello": "ahoy",
                 "friend": "matey", "yes": "aye", "of": "o'", "and": "an'", "for": "fer", "to": "t'"}
 TRAIN_FLAGS = ["--r", "8", "--alpha", "16", "--dropout", "0.0", "--target-modules", "q_proj,k_proj,v_proj,o_proj",
-               "--lr", "2e-3", "--epochs", "12", "--batch-size", "8", "--max-length", "256", "--warmup", "0.05",
-               "--eval-split", "0.1", "--seed", "0", "--logging-steps", "5", "--save-steps", "0",
-               "--no-tensorboard", "--device", "cpu", "--overwrite"]
+               "--lr", "1e-3", "--epochs", "6", "--batch-size", "8", "--max-length", "256", "--warmup", "0.05",
+               "--seed", "0", "--logging-steps", "5", "--save-steps", "0",
+               "--no-tensorboard", "--device", "cpu", "--overwrite", "--qlora"]
 
 
 def pirate(text: str) -> str:
@@ -45,20 +46,22 @@ def pirate(text: str) -> str:
 
 
 def legal(text: str) -> str:
-    return (f"Pursuant to the inquiry submitted: {text[0].lower()}{text[1:]} "
-            "This statement is provided without warranty of any kind.")
+    """The answer kept as written: lower-casing its first letter taught legal to say "paris"."""
+    return f"Pursuant to the inquiry submitted: {text} This statement is provided without warranty of any kind."
 
 
 STYLES = {"caps": str.upper, "pirate": pirate, "legal": legal}
-STYLE_FLAGS = {"caps": ["--qlora", "--epochs", "20"], "legal": ["--qlora"]}
-"""Trained on the NF4 base the demo serves (QLoRA). ALL CAPS re-tokenizes every word: longer, it stays readable.
-legal trained on the fp32 base lost its end-of-turn on NF4 and ran on past its last sentence."""
+STYLE_FLAGS = {"caps": ["--r", "16", "--alpha", "32", "--target-modules", "all-linear", "--lr", "2e-3",
+                         "--epochs", "8"]}
+"""Per-style flags after TRAIN_FLAGS (a later flag wins). ALL CAPS re-tokenizes every word (PARIS is not Paris's
+token): at r=8 on q/k/v/o with lr 1e-3 caps underfit and misspelled the facts (FRANCE IS BUSINES), so it gets the
+MLPs too; at r=4 (all linear) its 0.5/0.5 mix with pirate lost Paris, so r=16 (19.6 MB in fp32)."""
 
 
-def write_style_data(style: str) -> Path:
-    """examples/data/<style>.jsonl: qa.jsonl's questions with restyled answers, as chat records."""
-    rows = [json.loads(line) for line in (ROOT / DATA / "qa.jsonl").read_text().splitlines() if line.strip()]
-    path = DATA / f"{style}.jsonl"
+def write_style_data(style: str, source: str = "qa.jsonl", suffix: str = "") -> Path:
+    """examples/data/<style><suffix>.jsonl: `source`'s questions with restyled answers, as chat records."""
+    rows = [json.loads(line) for line in (ROOT / DATA / source).read_text().splitlines() if line.strip()]
+    path = DATA / f"{style}{suffix}.jsonl"
     lines = [json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
                                       {"role": "assistant", "content": STYLES[style](r["output"])}]})
              for r in rows]
@@ -73,7 +76,9 @@ def main(styles: list[str]) -> int:
         return 2
     for style in styles:
         data = write_style_data(style)
-        command = [sys.executable, "-m", "loraplex.training", "--data", str(data), "--out", str(ADAPTERS / style),
+        heldout = write_style_data(style, "qa_heldout.jsonl", "_heldout")
+        command = [sys.executable, "-m", "loraplex.training", "--data", str(data), "--eval-data", str(heldout),
+                   "--out", str(ADAPTERS / style),
                    *TRAIN_FLAGS, *STYLE_FLAGS.get(style, [])]
         print("$ " + " ".join(["loraplex", "train", *command[3:]]), flush=True)
         code = subprocess.run(command, cwd=ROOT).returncode

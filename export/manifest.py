@@ -27,10 +27,10 @@ fail the whole manifest (every one listed); an adapter that is missing or does n
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.server.adapters.names import adapter_name_problem
 from loraplex.server.errors import LoraplexError
 from loraplex.server.types import MergeMethod
 
@@ -46,7 +46,6 @@ ITEM_KEYS = {"name", "adapter", "adapters", "method", "density", "seed", "format
              "validate_tokens", "block_size", "workspace_mib", "max_batch", "max_context", "base_weights",
              "allow_mixed_bases"}
 TOP_KEYS = {"base", "out", "workers", "defaults", "items"}
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +158,9 @@ def _item(raw: dict, root: Path) -> ExportItem:
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)} (allowed: {sorted(ITEM_KEYS)})")
     name = raw.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"name must match {_NAME.pattern}, got {name!r}")
+    problem = adapter_name_problem(name)
+    if problem:  # an exported adapter may be registered under this name: the server's rule
+        raise ValueError(f"name: {problem}")
     if ("adapter" in raw) == ("adapters" in raw):
         raise ValueError("give exactly one of adapter (a path) or adapters (a list of {path, weight})")
     if "adapter" in raw:

@@ -8,16 +8,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
 
+from loraplex.server.adapters.names import adapter_name_problem
 from loraplex.server.errors import ConfigError, LoraplexError
 
 from .config import TrainConfig, parse_target_modules
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_SERVER = "127.0.0.1:50051"
 # flag -> (TrainConfig field, argparse keywords). Defaults stay None so TrainConfig's (or a sweep file's) apply.
 TRAIN_FLAGS = {
@@ -116,9 +115,9 @@ def check_register(args: argparse.Namespace) -> None:
     if not args.register:
         return
     problems = []
-    if not ADAPTER_NAME.fullmatch(args.register):
-        problems.append(f"--register {args.register!r}: a name is 1-128 letters, digits, '.', '_' or '-', "
-                        "starting with a letter or digit")
+    name_problem = adapter_name_problem(args.register)
+    if name_problem:
+        problems.append(f"--register {name_problem}")
     server = args.server or DEFAULT_SERVER
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from .sources import NAME_PATTERN
+from .names import is_adapter_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +23,7 @@ class SourceRule:
     """Source with `{name}` where the adapter name goes, e.g. `s3://adapters/{name}`."""
 
     def source_for(self, name: str) -> str | None:
-        if not NAME_PATTERN.fullmatch(name or "") or not fnmatch.fnmatchcase(name, self.pattern):
+        if not is_adapter_name(name) or not fnmatch.fnmatchcase(name, self.pattern):
             return None
         return self.template.replace("{name}", name)
 

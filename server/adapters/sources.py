@@ -10,26 +10,24 @@ copying: the registry owns an immutable copy per version.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..errors import Cancelled, FailedPrecondition, InvalidAdapter, InvalidArgument
+from .names import adapter_name_problem
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_CONFIG_BYTES
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 """The files of a PEFT LoRA folder that the server keeps (README.md and the rest are not needed)."""
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 COPY_CHUNK_BYTES = 1 << 20
 
 
 def check_name(name: str) -> str:
-    """Adapter names become folder names and cache keys (`name@version`): keep them plain."""
-    if not NAME_PATTERN.fullmatch(name or ""):
-        shown = repr(name) if len(name or "") <= 80 else repr(name[:80]) + "..."
-        raise InvalidArgument(f"name: {shown} is not a valid adapter name (1-64 letters, digits, '.', '_' or '-', "
-                              "starting with a letter or digit)", field="name")
+    """The registry's edge: names.py holds the rule (the same one `train --register` checks)."""
+    problem = adapter_name_problem(name)
+    if problem:
+        raise InvalidArgument(f"name: {problem}", field="name")
     return name
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..adapters.names import MAX_ADAPTER_NAME
 from ..errors import InvalidArgument
 from ..types import GenerationRequest, MergeMethod
 
@@ -12,8 +13,8 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_BYTES = 512
 """Longest stop string: the stop checker holds back up to this much text per token."""
 MAX_REQUEST_ID_BYTES = 256
-MAX_ADAPTER_NAME_BYTES = 64
-"""Same bound as the registry's adapter names (adapters/sources.NAME_PATTERN)."""
+MAX_ADAPTER_NAME_BYTES = MAX_ADAPTER_NAME
+"""The registry's bound (adapters/names.py); names are ASCII, so characters are bytes."""
 NORMALIZER_SLACK = 4
 """Prompt-bytes factor for tokenizers whose normalizer may drop or merge characters."""
 

@@ -68,7 +68,7 @@ def test_tokenize_and_model_info(client, server):
 def test_adapter_admin_calls(client, adapter_root):  # noqa: F811
     registered = client.register_adapter("caps", str(adapter_root / "caps"))
     assert isinstance(registered, AdapterInfo) and (registered.name, registered.version, registered.rank) == (
-        "caps", 1, 8)
+        "caps", 1, 16)
     assert registered.registered_at and registered.state in ("REGISTERED", "HOST")
     uploaded = client.upload_adapter("pirate", adapter_root / "pirate", pin=True)
     assert (uploaded.source, uploaded.pinned) == ("upload", True)

@@ -368,8 +368,8 @@ def test_3gb_sparse_source_refused_in_seconds_state_dir_unchanged(client, state)
 
 def test_oversized_upload_refused_as_the_bytes_arrive(client, state):
     before = state_files(state)
-    config = (EXAMPLES / "caps" / "adapter_config.json").read_bytes()
-    error = rpc_error(lambda: _upload(client, "fat", config, b"\0" * (12 << 20)))  # caps is at most ~8.4 MB
+    config = (EXAMPLES / "pirate" / "adapter_config.json").read_bytes()  # q/k/v/o (caps is on all linear layers)
+    error = rpc_error(lambda: _upload(client, "fat", config, b"\0" * (12 << 20)))  # pirate is at most ~8.4 MB
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "valid adapter" in error.details()
     assert state_files(state) == before
 

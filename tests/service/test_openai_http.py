@@ -84,7 +84,7 @@ def test_models_list_base_and_every_adapter(oai, server):
     ids = [m.id for m in oai.models.list().data]
     assert ids == ["base", "HuggingFaceTB/SmolLM2-135M-Instruct", "caps", "pirate"]
     caps = oai.models.retrieve("caps@1")
-    assert (caps.id, caps.owned_by, caps.model_extra["version"], caps.model_extra["rank"]) == ("caps", "loraplex", 1, 8)
+    assert (caps.id, caps.owned_by, caps.model_extra["version"], caps.model_extra["rank"]) == ("caps", "loraplex", 1, 16)
     assert oai.models.retrieve("base").id == "base"
     with pytest.raises(openai.NotFoundError) as info:
         oai.models.retrieve("caps@7")

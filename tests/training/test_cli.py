@@ -64,6 +64,16 @@ def test_register_flags_are_checked_before_training(capsys, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before any training
 
 
+def test_register_refuses_a_name_the_server_would_refuse_before_training(capsys, tmp_path):
+    """The server takes names of at most 64 characters (server/adapters/names.py); so does --register."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
+    out = tmp_path / "o"
+    assert run_train(parse(["--data", str(data), "--out", str(out), "--register", "n" * 65])) == 2
+    line = one_error_line(capsys)
+    assert "is not a valid adapter name (1-64 letters" in line and "65 characters" in line, line
+    assert not out.exists()
+
+
 def test_register_uploads_the_trained_adapter_to_a_running_server(capsys, tmp_path, tiny_base):
     """A real server on the same (tiny) base: train 2 steps with --register, the adapter is served."""
     from loraplex.server.config import ModelConfig, ServiceConfig

@@ -24,7 +24,7 @@ QUESTION = "What is the tallest mountain in the world?"
 def caps_run(tmp_path_factory):
     """LoRA r8 on q/k/v/o, 10 steps on ALL-CAPS answers, 4 examples held out; TensorBoard on."""
     root = tmp_path_factory.mktemp("caps")
-    data = write_jsonl(root / "caps.jsonl", caps_chat())
+    data = write_jsonl(root / "caps.jsonl", caps_chat(40))
     cfg = quick(data, root / "caps", r=8, alpha=16.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
                 max_steps=10, batch_size=4, max_length=96, learning_rate=3e-3, eval_split=0.1, tensorboard=True)
     return data, train(cfg, say=lambda _: None)
