@@ -95,8 +95,19 @@ class AdapterManager:
         return entry
 
     def set_pinned(self, name: str, pinned: bool = True) -> AdapterEntry:
+        """Pin: into host memory first when it is not there (read on the calling thread, never the engine's),
+        then into a device slot for good; unpin: evictable again."""
         entry = self.catalog.set_pinned(name, pinned)
-        self._call(lambda: self._pin(entry.key) if pinned else self.cache.unpin(entry.key))
+        if not pinned:
+            self._run(lambda: self.cache.unpin(entry.key), 60.0)
+            return entry
+        self.cache.want([entry.key])  # kept in the host tier until its slot holds it (a full tier would trim it)
+        try:
+            if self.cache.host_get(entry.key) is None:
+                self.cache.put_host(entry.key, self.cache.prepare(self.disk_loader(entry)()))
+            self._run(lambda: self._pin(entry.key), 60.0)  # in its slot when this returns
+        finally:
+            self.cache.unwant([entry.key])
         return entry
 
     def load(self, name: str, timeout: float = 60.0) -> AdapterEntry:
