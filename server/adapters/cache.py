@@ -59,6 +59,8 @@ class AdapterCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._host: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._host_bytes: dict[str, int] = {}
+        """num_bytes of each host copy, counted once when it enters (the byte bound is checked on every trim)."""
         self._wanted: Counter[str] = Counter()
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, Exception] = {}
@@ -77,14 +79,20 @@ class AdapterCache:
     def put_host(self, key: str, prepared: AdapterWeights) -> None:
         with self._lock:
             self._host[key] = prepared
+            self._host_bytes[key] = prepared.num_bytes
             self._host.move_to_end(key)
             self._failed.pop(key, None)
             self._trim_host()
 
+    def _drop_host(self, key: str) -> None:
+        """Remove `key`'s host copy, if any (lock held)."""
+        self._host.pop(key, None)
+        self._host_bytes.pop(key, None)
+
     def host_bytes(self) -> int:
         """Bytes of the prepared adapters in the host tier."""
         with self._lock:
-            return sum(adapter.num_bytes for adapter in self._host.values())
+            return sum(self._host_bytes.values())
 
     def load_seconds(self) -> list[float]:
         """Durations of the latest host loads (disk or image to prepared host copy), oldest first."""
@@ -112,7 +120,7 @@ class AdapterCache:
                     del self._wanted[key]
                     self._failed.pop(key, None)
                     if key in self._dropped:
-                        self._host.pop(key, None)
+                        self._drop_host(key)
             self._trim_host()
 
     def ensure_host(self, key: str, loader: Callable[[], AdapterWeights]) -> str | Exception:
@@ -151,14 +159,15 @@ class AdapterCache:
         """Drop least recently used host copies past max_host (and max_host_bytes), skipping wanted or slotted
         ones (lock held)."""
         excess = len(self._host) - self.max_host
-        excess_bytes = (sum(a.num_bytes for a in self._host.values()) - self.max_host_bytes
+        excess_bytes = (sum(self._host_bytes.values()) - self.max_host_bytes
                         if self.max_host_bytes is not None else 0)
         for key in list(self._host):
             if excess <= 0 and excess_bytes <= 0:
                 break
             if self._wanted.get(key, 0) > 0 or key in self._slot_of:
                 continue
-            excess_bytes -= self._host.pop(key).num_bytes
+            excess_bytes -= self._host_bytes[key]
+            self._drop_host(key)
             self.stats.host_evictions += 1
             excess -= 1
 
@@ -167,7 +176,7 @@ class AdapterCache:
         with self._lock:
             self._dropped.add(key)
             if self._wanted.get(key, 0) <= 0:
-                self._host.pop(key, None)
+                self._drop_host(key)
         slot = self._slot_of.get(key)
         if slot is not None:
             self._slots[slot].pinned = False
@@ -182,7 +191,7 @@ class AdapterCache:
         with self._lock:
             if self._wanted.get(key, 0) > 0:
                 return False
-            self._host.pop(key, None)
+            self._drop_host(key)
         if slot is not None:
             self._evict(slot)
         return True
@@ -282,9 +291,8 @@ class AdapterCache:
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of adapter weights per tier (device: the adapters' own bytes, not their padded slots)."""
         with self._lock:
-            host = sum(a.num_bytes for a in self._host.values())
-            device = sum(self._host[k].num_bytes for k in self._slot_of if k in self._host)
-            return {"device": device, "host": host}
+            device = sum(self._host_bytes.get(k, 0) for k in self._slot_of)
+            return {"device": device, "host": sum(self._host_bytes.values())}
 
     def resident_keys(self) -> dict[str, list[str]]:
         """tier -> the adapter versions (`name@version`) it holds now."""

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ..debian_packages import debian_binary
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "loraplex"
@@ -186,9 +188,7 @@ def test_proxy_hashes_on_the_adapter_header_over_the_replicas(tmp_path):
     text = proxy["ConfigMap"]["data"]["nginx.conf"]
     assert text.count("hash $http_x_loraplex_adapter consistent;") == 2 and "grpc_pass grpc://loraplex_grpc;" in text
     assert f"server {headless['metadata']['name']}.default.svc.cluster.local:50051 resolve" in text
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.skip("nginx is not installed (tests/service/test_many_replicas.py installs it)")
+    nginx = debian_binary("nginx", "nginx", fallback="/usr/sbin/nginx")
     old = re.sub(r"server \S+:(\d+) resolve", r"server 127.0.0.1:\1", text).replace("zone ", "# zone ")
     old = re.sub(r"listen (\d+);\n(\s+)http2 on;", r"listen 127.0.0.1:\1 http2;", old)
     old = old.replace("listen 8000;", "listen 127.0.0.1:8000;").replace("resolver ", "# resolver ")

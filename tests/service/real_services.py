@@ -14,18 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
+from ..debian_packages import ensure_packages
 from .conftest import free_port
-
-
-def ensure_packages(*packages: str) -> None:
-    """apt-get install what is missing (the machine may have neither); skip when that is impossible."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    result = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *packages], env=env,
-                            capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        pytest.skip(f"cannot install {' '.join(packages)}: {result.stderr.strip()[-300:]}")
 
 
 def _postgres_bin() -> Path:

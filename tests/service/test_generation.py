@@ -148,7 +148,7 @@ def test_metrics_series_labels_and_cap(client, server):
     gauges = ("loraplex_queue_depth", "loraplex_running_batch_size", "loraplex_kv_cache_usage_ratio")
     assert [m[g] for g in gauges] == [0, 0, 0]
     assert m["loraplex_adapters_registered"] == 4 and m['loraplex_adapters_resident{tier="device"}'] >= 1
-    assert m["loraplex_adapter_cache_misses_total"] >= 0 and "loraplex_adapter_load_seconds_count" in m
+    assert "loraplex_adapter_cache_misses_total" in m and "loraplex_adapter_load_seconds_count" in m
     assert "loraplex_adapter_cache_evictions_total" in m and "loraplex_adapter_cache_hits_total" in m
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -24,6 +22,7 @@ from loraplex.server.config import ServiceConfig
 from loraplex.client import Client, ClientConfig
 from loraplex.v1 import generation_pb2 as gpb
 
+from ..debian_packages import debian_binary
 from .conftest import ServerThread, chat_request, engine_config_for_tests, free_port, register_examples, wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -32,22 +31,6 @@ PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 NAMES = ("caps", "pirate", "caps_soft", "pirate_soft")
 RATE_INTERVAL = "30s"
 """What Grafana's $__rate_interval comes to at a 1 s scrape interval and a short time range, with room."""
-
-
-def _debian_binary(name: str) -> str:
-    """Path of `name` from Debian's prometheus package, installed (quietly, once) when missing."""
-    found = shutil.which(name)
-    if found:
-        return found
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"installing Debian's prometheus failed: {done.stderr[-2000:]}"
-    found = shutil.which(name)
-    assert found, f"{name} not on PATH after installing Debian's prometheus"
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +52,7 @@ def server(smol_fp32, adapter_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory):
     """Debian's Prometheus on 127.0.0.1 with the shipped config, its target the test server, 1 s scrapes."""
-    binary = _debian_binary("prometheus")
+    binary = debian_binary("prometheus", "prometheus")
     work = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     config["global"]["scrape_interval"] = "1s"
@@ -140,7 +123,7 @@ def _load(target: str, seconds: float) -> int:
 
 
 def test_promtool_accepts_the_shipped_config():
-    promtool = _debian_binary("promtool")
+    promtool = debian_binary("promtool", "prometheus")
     done = subprocess.run([promtool, "check", "config", str(PROMETHEUS_YML)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
