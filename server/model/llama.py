@@ -19,7 +19,8 @@ from ..attention.ops import paged_attention, write_kv
 from ..lora.stacks import GROUP_SLICES, LoraStacks, ProjectionGroupShape
 from ..lora.step_meta import LoraStepMeta
 from .arch import ModelArch, inverse_frequencies
-from .layers import ProjectionGroup, RMSNorm, apply_rotary, make_linear
+from .fused import rotary_qk
+from .layers import ProjectionGroup, RMSNorm, make_linear
 
 
 @dataclass(slots=True)
@@ -63,10 +64,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x, ctx).split(self.qkv_proj.slice_features, dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x, ctx)
+        q, k = rotary_qk(qkv, self.num_heads, self.num_kv_heads, self.head_dim, ctx.cos, ctx.sin)
+        v_start = (self.num_heads + self.num_kv_heads) * self.head_dim
+        v = qkv[:, v_start:v_start + self.num_kv_heads * self.head_dim].view(num_tokens, self.num_kv_heads,
+                                                                             self.head_dim)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         write_kv(k_cache, v_cache, k, v, ctx.attn.kv_index)
         out = paged_attention(q, k_cache, v_cache, ctx.attn, self.scale, self.sliding_window)
@@ -94,8 +96,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch, source, f"{prefix}.mlp", quantization, layer_idx)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), ctx))
+        return x + self.mlp(h, ctx)
 
 
 class Decoder(nn.Module):
