@@ -253,6 +253,11 @@ VARIANTS = {  # config changes applied on top of the heuristic (decode scenarios
     "l2_128": dict(l2_streams=128),
     "grid2x": dict(programs=-2),  # negative: a multiple of the heuristic's grid
     "warps8": dict(num_warps=8),
+    "grid4x": dict(programs=-4),
+    "g2w8": dict(programs=-2, num_warps=8),
+    "g4bn128": dict(programs=-4, block_n=128),
+    "g4st2": dict(programs=-4, num_stages=2),
+    "g8bn64": dict(programs=-8, block_n=64),
 }
 QUICK_VARIANTS = ("nopdl",)
 """Run by default on r16 b8_shared / b32_distinct: PDL is the newest piece, so its effect is always shown."""
@@ -267,8 +272,8 @@ def sweep(bench: Bench, names: list[str], variants) -> None:
             cfg = original(*args, **kwargs)
             if "block_k" in change and args[3] % change["block_k"]:
                 return cfg
-            if change.get("programs", 0) < 0:
-                return dataclasses.replace(cfg, programs=-change["programs"] * cfg.programs)
+            if change.get("programs", 0) < 0:  # negative: a multiple of the heuristic's grid
+                change = {**change, "programs": -change["programs"] * cfg.programs}
             return dataclasses.replace(cfg, **change)
 
         lora_apply.choose = patched

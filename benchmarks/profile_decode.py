@@ -67,7 +67,7 @@ def main() -> None:
                     engine.step()
                 torch.cuda.synchronize()
             engine.runner.graphs = graphs
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
         _drain(engine, handles)
     engine.stop()
 
