@@ -30,10 +30,12 @@ def test_rms_norm_matches_twin(dtype, rows, hidden):
     out, summed = fused.add_rms_norm(x, residual, weight, 1e-5)
     assert torch.equal(summed, x + residual)
     expected = fused.rms_norm_reference(x + residual, weight, 1e-5)
+    # Only the order of the sum of squares differs from torch: a last-place change of the fp32 scale can move
+    # rnd(x * scale) by one place and the weight product by one more (seen on an H200: fp16, 300 x 5120, 2 places)
     diff = _ulps(out, expected)
-    assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99
+    assert int(diff.max()) <= 2 and float((diff == 0).float().mean()) > 0.99
     plain = fused.rms_norm(x, weight, 1e-5)
-    assert int(_ulps(plain, fused.rms_norm_reference(x, weight, 1e-5)).max()) <= 1
+    assert int(_ulps(plain, fused.rms_norm_reference(x, weight, 1e-5)).max()) <= 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
