@@ -6,19 +6,12 @@ interpreter on if nothing imported triton yet, else reruns itself in a fresh int
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("a CUDA machine runs the compiled kernels (test_gpu.py)", allow_module_level=True)
-if "triton" not in sys.modules:
-    # triton reads TRITON_INTERPRET when it and each kernel are first imported; on a CPU-only machine
-    # the interpreter is the only way to run Triton at all, so the whole process may use it
-    os.environ["TRITON_INTERPRET"] = "1"
+from ..interpreted import interpret_if_fresh, rerun_interpreted
+
+interpret_if_fresh("test_gpu.py")
 
 from loraplex.server.attention import reference, triton_paged  # noqa: E402
 from loraplex.server.attention.meta import AttentionMetaBuffers  # noqa: E402
@@ -31,13 +24,7 @@ INTERPRETED = type(triton_paged._paged_attention_kernel).__name__ == "Interprete
 def test_in_a_fresh_interpreted_process():
     """When something imported triton before this file (compiled mode), run this file again in a process
     that starts with TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        pytest.skip("this process interprets Triton")
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                            env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout
+    rerun_interpreted(__file__, INTERPRETED)
 
 
 def _allow_size_one_index() -> None:

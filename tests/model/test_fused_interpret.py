@@ -6,17 +6,12 @@ if nothing imported triton yet, else reruns itself in a fresh interpreted proces
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("a CUDA machine runs the compiled kernels (test_fused_gpu.py)", allow_module_level=True)
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+from ..interpreted import interpret_if_fresh, rerun_interpreted
+
+interpret_if_fresh("test_fused_gpu.py")
 
 from loraplex.server.model import fused, triton_fused  # noqa: E402
 
@@ -26,12 +21,7 @@ INTERPRETED = type(triton_fused._rms_norm_kernel).__name__ == "InterpretedFuncti
 def test_in_a_fresh_interpreted_process():
     """When something imported triton before this file (compiled mode), run this file again in a process that
     starts with TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        pytest.skip("this process interprets Triton")
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                            env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout
+    rerun_interpreted(__file__, INTERPRETED)
 
 
 @pytest.fixture(scope="module")
