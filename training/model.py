@@ -138,3 +138,39 @@ def check_targets(model, targets: tuple[str, ...]) -> None:
     if unservable:
         log.warning("target_modules %s: loraplex serve only applies adapters to %s", unservable,
                     ", ".join(SERVABLE_MODULES))
+
+
+def decoder_layers(model) -> list:
+    """The decoder blocks of a (PEFT-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.model.layers)
+
+
+def limit_checkpointing(model, layers: int) -> int:
+    """Recompute in backward only the first `layers` decoder blocks (after gradient_checkpointing_enable);
+    the rest keep their activations. Early blocks are the ones whose activations live longest. Returns how
+    many blocks are checkpointed."""
+    blocks = decoder_layers(model)
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = block.gradient_checkpointing and i < layers
+    return sum(bool(block.gradient_checkpointing) for block in blocks)
+
+
+def speedups(model, cfg: TrainConfig, runtime: Runtime) -> dict:
+    """Apply the configured speed-ups to a model with LoRA; returns what runs (for the summary and the bench)."""
+    from .attention import resolve_attention, use_varlen
+    from .kernels import apply_liger, resolve_liger
+
+    cuda = runtime.device == "cuda"
+    attention = resolve_attention(cfg.attention, cuda, cfg.packing)
+    if attention == "varlen":
+        use_varlen(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    liger = resolve_liger(cfg.liger, cuda, base.config.model_type)
+    if liger:
+        apply_liger(model)
+    checkpointed = 0
+    if cfg.gradient_checkpointing:
+        blocks = len(decoder_layers(model))
+        checkpointed = limit_checkpointing(model, blocks if cfg.checkpoint_layers is None else cfg.checkpoint_layers)
+    return {"attention": attention, "liger": liger, "checkpointed_layers": checkpointed}
