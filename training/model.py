@@ -111,9 +111,14 @@ def add_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.qlora:
+        frozen_tables = _frozen_tables(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        # it upcasts every weight that is not 4-bit to fp32; the norms keep that (QLoRA's recipe), but the frozen
+        # embedding and lm_head only cost memory in fp32 (8B: +4 GB) and get cast back to bf16 in every matmul
+        for weight, dtype in frozen_tables:
+            weight.data = weight.data.to(dtype)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
@@ -122,6 +127,15 @@ def add_lora(model, cfg: TrainConfig):
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         use_rslora=cfg.rslora, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def _frozen_tables(model) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
+    """The input embedding and lm_head weights with their dtypes (one entry when tied)."""
+    tables = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and not type(module.weight).__name__ == "Params4bit":
+            tables[id(module.weight)] = (module.weight, module.weight.dtype)
+    return list(tables.values())
 
 
 def check_targets(model, targets: tuple[str, ...]) -> None:

@@ -47,3 +47,18 @@ def test_modeling_modules_are_restored():
     with restored_modeling_modules():
         modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm = print, dict
     assert modeling_llama.apply_rotary_pos_emb is rope and modeling_llama.LlamaRMSNorm is norm
+
+
+def test_qlora_preparation_keeps_frozen_tables_in_their_dtype(tiny_base):
+    """prepare_model_for_kbit_training upcasts everything to fp32: the norms stay fp32, the embedding does not."""
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.training.model import add_lora
+
+    from .conftest import quick
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.bfloat16)
+    model = add_lora(base, quick("unused.jsonl", "unused", qlora=True, gradient_checkpointing=True))
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_base_model().model.norm.weight.dtype == torch.float32
