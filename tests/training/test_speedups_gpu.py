@@ -5,6 +5,8 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.gpu
+TINY_CONFIG = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -30,11 +32,11 @@ def test_flash_varlen_matches_segment_reference(kv_heads):
 
 
 @cuda
-def test_liger_and_varlen_train_like_the_plain_model(tiny_base):
+def test_liger_and_varlen_train_like_the_plain_model():
     """Loss and LoRA gradients with Liger (RMSNorm, SwiGLU, RoPE, fused linear + CE) and varlen attention on
     packed rows equal those of the plain model with SDPA."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from loraplex.training.attention import use_varlen
     from loraplex.training.batching import Collator, pack
@@ -42,12 +44,13 @@ def test_liger_and_varlen_train_like_the_plain_model(tiny_base):
     from loraplex.training.kernels import apply_liger, restored_modeling_modules
     from loraplex.training.loss import ChunkedCausalLMLoss
 
+    TINY = LlamaConfig(**TINY_CONFIG, attn_implementation="sdpa")
     rows, _ = pack(synthetic_examples(12, 128, 1000, seed=0), 256)
     results = []
     for fast in (False, True):
         with restored_modeling_modules():
             torch.manual_seed(0)
-            base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).cuda()
+            base = LlamaForCausalLM(TINY).cuda()
             base.config.use_cache = False
             model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                     init_lora_weights="gaussian", task_type="CAUSAL_LM"))
