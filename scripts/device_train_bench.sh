@@ -11,7 +11,7 @@
 # plus .whl/site (bitsandbytes, as for the other device scripts).
 #
 # Knobs (environment): STEPS, WARMUP, BATCH (rows of SEQ per step), SEQ, CKPT (ours: checkpoint only the first N
-# layers; default all, like the peer), PEER_ATTN (sdpa | flex_attention), LEVERS=1 (then ours again with Liger off
+# layers; default all, like the peer), PEER_ATTN (TRL on packed rows, comma-separated: sdpa,flex_attention; the faster counts), LEVERS=1 (then ours again with Liger off
 # and with sdpa attention, to attribute the gain; separate JSONs), BENCH_LIMIT (seconds).
 source scripts/device_env.sh
 OUT=${OUT:-/tmp/out}
@@ -25,7 +25,7 @@ BENCH=(python3 -c "import sys; from loraplex.server.cli import main; sys.exit(ma
 CKPT_ARGS=()
 if [ -n "$CKPT" ]; then CKPT_ARGS=(--checkpoint-layers "$CKPT"); fi
 echo "== bench train: loraplex beside trl, packed and full rows"
-timeout "${BENCH_LIMIT:-420}" "${BENCH[@]}" --impls loraplex,trl --peer-attention "${PEER_ATTN:-sdpa}" \
+timeout "${BENCH_LIMIT:-420}" "${BENCH[@]}" --impls loraplex,trl --peer-attention "${PEER_ATTN:-sdpa,flex_attention}" \
   "${CKPT_ARGS[@]}" 2>&1 | tee "$OUT/bench_train.log" | grep -E "^(packed|full|case|wrote)|Error|error" | tail -n 30
 echo "rc=${PIPESTATUS[0]} bench_train"
 if [ -n "$LEVERS" ]; then

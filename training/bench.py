@@ -28,6 +28,7 @@ from .bench_sides import SIDES, Side, run_side
 from .encode import IGNORE, Encoded
 
 CASES = ("packed", "full")
+PEER_ATTENTIONS = ("sdpa", "flex_attention", "eager")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +56,10 @@ class TrainBenchConfig:
     """Ours: auto, on or off."""
     checkpoint_layers: int | None = None
     """Ours: checkpoint only the first N decoder layers (None: all, like the peer)."""
-    peer_attention: str = "sdpa"
-    """TRL: sdpa or flex_attention (no flash-attn package on our GPU image)."""
+    peer_attentions: tuple[str, ...] = ("sdpa",)
+    """TRL on packed rows, one run each: sdpa (a dense block-diagonal mask over the flattened batch) and/or
+    flex_attention (a block mask); no flash-attn package on our GPU image. Ours / TRL uses the fastest.
+    Full rows: sdpa only (no mask at all, so SDPA's flash backend: nothing faster to offer)."""
     peer_liger: str = "auto"
     """TRL use_liger_kernel: on, off, or auto (on exactly when ours runs Liger: same kernels on both sides)."""
 
@@ -81,7 +84,8 @@ def add_bench_train_parser(bench_subparsers) -> None:
     p.add_argument("--attention", default=d.attention, choices=["auto", "sdpa", "varlen"], help="ours")
     p.add_argument("--liger", default=d.liger, choices=["auto", "on", "off"], help="ours")
     p.add_argument("--checkpoint-layers", type=int, default=None, help="ours: checkpoint only the first N layers")
-    p.add_argument("--peer-attention", default=d.peer_attention, choices=["sdpa", "flex_attention", "eager"])
+    p.add_argument("--peer-attention", default=",".join(d.peer_attentions),
+                   help="TRL on packed rows, comma-separated, one run each: sdpa, flex_attention")
     p.add_argument("--peer-liger", default=d.peer_liger, choices=["auto", "on", "off"])
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
 
@@ -94,7 +98,8 @@ def run_bench_train(args: argparse.Namespace, say=print) -> int:
                            warmup_steps=args.warmup_steps, num_examples=args.num_examples, rank=args.rank,
                            impls=_names(args.impls, SIDES, "impl"), cases=_names(args.cases, CASES, "case"),
                            attention=args.attention, liger=args.liger, checkpoint_layers=args.checkpoint_layers,
-                           peer_attention=args.peer_attention, peer_liger=args.peer_liger)
+                           peer_attentions=_names(args.peer_attention, PEER_ATTENTIONS, "peer attention"),
+                           peer_liger=args.peer_liger)
     env = {**environment(cfg.device), **_versions()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,11 +112,10 @@ def run_bench_train(args: argparse.Namespace, say=print) -> int:
         examples = synthetic_examples(cfg.num_examples, cfg.seq_len, vocab, cfg.seed) if case == "packed" else \
             full_row_examples((cfg.warmup_steps + cfg.steps) * cfg.batch_size, cfg.seq_len, vocab, cfg.seed)
         results = report["results"].setdefault(case, {})
-        for impl in cfg.impls:
-            if impl == "peft" and case != "packed":
-                continue  # on full rows the padded baseline is the trl side without its packing
-            results[impl] = run_side(side_for(cfg, impl, case, examples), cfg, model_config, examples)
-            say(_line(results[impl]))
+        for side in sides_for(cfg, case, examples):
+            key = side.impl if side.impl != "trl" else f"trl-{side.attention}"
+            results[key] = run_side(side, cfg, model_config, examples)
+            say(_line(results[key], key))
             path.write_text(json.dumps(report, indent=2))
         report["ratios"][case] = _ratios(results)
     report["complete"] = True
@@ -122,19 +126,25 @@ def run_bench_train(args: argparse.Namespace, say=print) -> int:
     return 0
 
 
-def side_for(cfg: TrainBenchConfig, impl: str, case: str, examples: list[Encoded]) -> Side:
-    """The Side each impl runs: the peer's Liger follows ours on auto; the old baseline's batch holds as many
-    real tokens as batch_size packed rows."""
+def sides_for(cfg: TrainBenchConfig, case: str, examples: list[Encoded]) -> list[Side]:
+    """The runs of one case: the peer's Liger follows ours on auto, the peer runs once per attention on packed
+    rows; the old padded baseline (packed case only) gets as many real tokens per step as batch_size rows."""
     from .kernels import resolve_liger
 
     cuda = cfg.device.startswith("cuda")
-    if impl == "loraplex":
-        return Side(impl, case, cfg.batch_size, cfg.attention, cfg.liger, cfg.checkpoint_layers)
-    if impl == "trl":
-        liger = cfg.peer_liger if cfg.peer_liger != "auto" else ("on" if resolve_liger(cfg.liger, cuda) else "off")
-        return Side(impl, case, cfg.batch_size, cfg.peer_attention, liger)
-    mean = sum(len(e.input_ids) for e in examples) / len(examples)
-    return Side(impl, case, cfg.baseline_batch_size or max(1, round(cfg.batch_size * cfg.seq_len / mean)), "sdpa", "off")
+    sides = []
+    for impl in cfg.impls:
+        if impl == "loraplex":
+            sides.append(Side(impl, case, cfg.batch_size, cfg.attention, cfg.liger, cfg.checkpoint_layers))
+        elif impl == "trl":
+            liger = cfg.peer_liger if cfg.peer_liger != "auto" else ("on" if resolve_liger(cfg.liger, cuda) else "off")
+            for attention in cfg.peer_attentions if case == "packed" else ("sdpa",):
+                sides.append(Side(impl, case, cfg.batch_size, attention, liger))
+        elif case == "packed":  # on full rows the padded baseline is the trl side without its packing
+            mean = sum(len(e.input_ids) for e in examples) / len(examples)
+            batch = cfg.baseline_batch_size or max(1, round(cfg.batch_size * cfg.seq_len / mean))
+            sides.append(Side(impl, case, batch, "sdpa", "off"))
+    return sides
 
 
 def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -146,33 +156,37 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 
 def _ratios(results: dict) -> dict:
-    if "loraplex" not in results or "trl" not in results:
+    """Ours / the fastest TRL run of the case."""
+    peers = [key for key in results if key.startswith("trl-")]
+    if "loraplex" not in results or not peers:
         return {}
-    ours, peer = results["loraplex"], results["trl"]
+    best = max(peers, key=lambda key: results[key]["tokens_per_s"])
+    ours, peer = results["loraplex"], results[best]
     memory = ours["peak_memory_gb"] / peer["peak_memory_gb"] if ours["peak_memory_gb"] and peer["peak_memory_gb"] \
         else None
-    return {"tokens_per_s": ours["tokens_per_s"] / peer["tokens_per_s"], "peak_memory": memory}
+    return {"peer": best, "tokens_per_s": ours["tokens_per_s"] / peer["tokens_per_s"], "peak_memory": memory}
 
 
-def _line(r: dict) -> str:
+def _line(r: dict, key: str) -> str:
     peak = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] is not None else "-"
-    return (f"{r['case']:6s} {r['impl']:8s}: {r['tokens_per_s']:10.1f} tok/s, peak {peak}, {r['step_s']:.3f} s/step, "
+    return (f"{r['case']:6s} {key:18s}: {r['tokens_per_s']:10.1f} tok/s, peak {peak}, {r['step_s']:.3f} s/step, "
             f"{r['tokens_per_step']:.0f} real tokens/step, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
 
 
 def table(report: dict) -> list[str]:
     """A short table: every case and side, and ours / trl."""
-    lines = [f"{'case':7s}{'side':10s}{'tokens/s':>11s}{'peak GB':>9s}{'tok/step':>9s}  attention / liger / ckpt"]
+    lines = [f"{'case':7s}{'side':20s}{'tokens/s':>11s}{'peak GB':>9s}{'tok/step':>9s}  attention / liger / ckpt"]
     for case, results in report["results"].items():
         for impl, r in results.items():
             ran = r["ran"]
             peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
-            lines.append(f"{case:7s}{impl:10s}{r['tokens_per_s']:11.1f}{peak:>9s}{r['tokens_per_step']:9.0f}  "
+            lines.append(f"{case:7s}{impl:20s}{r['tokens_per_s']:11.1f}{peak:>9s}{r['tokens_per_step']:9.0f}  "
                          f"{ran['attention'].split(' ')[0]} / {ran['liger'].split(',')[0]} / {ran['checkpointed_layers']}")
         ratio = report["ratios"].get(case)
         if ratio:
             memory = f"x{ratio['peak_memory']:.2f}" if ratio["peak_memory"] is not None else "not measured (CPU)"
-            lines.append(f"{case:7s}loraplex / trl: x{ratio['tokens_per_s']:.2f} tokens/s, peak memory {memory}")
+            lines.append(f"{case:7s}loraplex / {ratio['peer']}: x{ratio['tokens_per_s']:.2f} tokens/s, "
+                         f"peak memory {memory}")
     return lines
 
 
