@@ -153,7 +153,7 @@ def _ours(side: Side, bench, model, examples, cuda, tmp, callbacks):
            else "chunked CE over trained positions (training/loss.py)",
            "checkpointed_layers": running["checkpointed_layers"],
            "qlora_prep": "prepare_model_for_kbit_training (fp32 norms; embedding and lm_head kept bf16)",
-           "lora_dtype": "fp32 (PEFT default)"}
+           "lora_dtype": "fp32 (PEFT default), inputs not upcast (bf16 under autocast)" if cuda else "fp32"}
     return trainer, counting, ran
 
 

@@ -183,8 +183,24 @@ def speedups(model, cfg: TrainConfig, runtime: Runtime) -> dict:
     liger = resolve_liger(cfg.liger, cuda, base.config.model_type)
     if liger:
         apply_liger(model)
+    if runtime.bf16:
+        keep_lora_inputs_in_compute_dtype(model)
     checkpointed = 0
     if cfg.gradient_checkpointing:
         blocks = len(decoder_layers(model))
         checkpointed = limit_checkpointing(model, blocks if cfg.checkpoint_layers is None else cfg.checkpoint_layers)
-    return {"attention": attention, "liger": liger, "checkpointed_layers": checkpointed}
+    return {"attention": attention, "liger": liger, "checkpointed_layers": checkpointed,
+            "lora_inputs": "bf16 (autocast)" if runtime.bf16 else "as computed"}
+
+
+def keep_lora_inputs_in_compute_dtype(model) -> int:
+    """PEFT casts each LoRA layer's input to its weights' dtype: fp32 LoRA weights (kept for exact small updates)
+    then turn every [tokens, hidden] activation into an fp32 copy, 7 projections x every layer, forward and
+    recompute. Under bf16 autocast the matmul runs in bf16 anyway, so the copy only costs time and memory: keep the
+    input as it comes. Returns how many LoRA layers were switched."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+            switched += 1
+    return switched

@@ -62,3 +62,28 @@ def test_qlora_preparation_keeps_frozen_tables_in_their_dtype(tiny_base):
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16
     assert model.get_base_model().model.norm.weight.dtype == torch.float32
+
+
+def test_lora_inputs_stay_in_the_autocast_dtype(tiny_base):
+    """PEFT upcasts each LoRA input to its fp32 weights; switched off, lora_A sees the bf16 activation as is and the
+    fp32 LoRA weights still get gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.training.model import keep_lora_inputs_in_compute_dtype
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    seen = []
+    lora_a = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    for m in lora_a:
+        m.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    ids = torch.randint(3, 1000, (1, 8))
+    for switch in (False, True):
+        if switch:
+            assert keep_lora_inputs_in_compute_dtype(model) == len(lora_a) == 2
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        assert set(seen) == ({torch.bfloat16} if switch else {torch.float32})
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in model.parameters() if p.requires_grad)
