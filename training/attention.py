@@ -101,12 +101,18 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
                              dropout: float = 0.0, cu_seq_lens_q: torch.Tensor | None = None,
                              max_length_q: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention interface. query: [B, Hq, T, D], key/value: [B, Hkv, T, D] -> ([B, T, Hq, D], None).
-    Without cu_seq_lens (unpacked rows): each row is one segment, its right padding another."""
+    Without cu_seq_lens: with a 2D padding mask each row is one segment and its right padding another; with none,
+    every row is one example (the collator leaves cu_seq_lens out then) and SDPA's causal kernels run it, GQA
+    without copying K/V (varlen_attn in PyTorch 2.11 has no GQA)."""
     batch, heads, width, head_dim = query.shape
     assert dropout == 0.0, "attention dropout is not supported (Llama-family models train without it)"
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    if cu_seq_lens_q is None and attention_mask is None:  # whole rows, one example each: plain causal SDPA
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                             enable_gqa=key.shape[1] != heads)
+        return out.transpose(1, 2).contiguous(), None
     if cu_seq_lens_q is None:
         cu_seq_lens_q, max_length_q = _row_segments(attention_mask, batch, width)
-    scale = scaling if scaling is not None else head_dim ** -0.5
     q = query.transpose(1, 2).reshape(batch * width, heads, head_dim)
     k = key.transpose(1, 2).reshape(batch * width, key.shape[1], head_dim)
     v = value.transpose(1, 2).reshape(batch * width, value.shape[1], head_dim)

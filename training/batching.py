@@ -93,8 +93,8 @@ class Collator:
                 positions[b, :n] = torch.tensor(row["position_ids"])
                 positions[b, n:] = torch.arange(width - n)
             batch["position_ids"] = positions
-            if self.varlen:
-                cu_seq_lens, longest = boundaries(positions)
+            cu_seq_lens, longest = boundaries(positions) if self.varlen else (None, 0)
+            if cu_seq_lens is not None and len(cu_seq_lens) - 1 > len(rows):  # else: one example per row, no padding
                 batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens
                 batch["max_length_q"] = batch["max_length_k"] = longest
         else:

@@ -80,17 +80,21 @@ def test_varlen_packed_logits_equal_each_example_alone(tiny_lora):
     assert checked == len(encoded)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_varlen_loss_and_grads_equal_sdpa(tiny_lora, packed):
-    """Packed rows (boundaries from the collator) and padded rows (from the 2D mask) train as with SDPA."""
+@pytest.mark.parametrize("layout", ["packed", "padded", "full"])
+def test_varlen_loss_and_grads_equal_sdpa(tiny_lora, layout):
+    """Packed rows (boundaries from the collator), padded rows (from the 2D mask) and full rows (one example each,
+    no boundaries passed) train as with SDPA."""
     encoded = examples(tiny_lora.config.vocab_size)
-    rows = pack(encoded, 40)[0] if packed else unpacked(encoded)
+    if layout == "full":
+        encoded = [e for e in encoded if len(e.input_ids) == 12] * 3
+    rows = unpacked(encoded) if layout == "padded" else pack(encoded, 40 if layout == "packed" else 12)[0]
     results = []
     for attention in ("sdpa", VARLEN):
         register()
         set_attention(tiny_lora, attention)
         batch = Collator(pad_token_id=2, varlen=attention == VARLEN)(rows)
         batch.pop("num_tokens")
+        assert ("cu_seq_lens_q" in batch) == (attention == VARLEN and layout == "packed")
         tiny_lora.zero_grad()
         loss = tiny_lora(**batch).loss
         loss.backward()
