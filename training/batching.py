@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import boundaries
 from .encode import IGNORE, Encoded
 
 
@@ -68,11 +69,14 @@ class Collator:
     Unpacked rows get an attention_mask. Packed rows get position_ids and no attention_mask; their
     padding continues with positions 0, 1, ... (one more segment, never trained). `num_tokens` (real,
     non-padding tokens) is popped by LoraplexTrainer for tokens/s; `logits_to_keep=1` makes the model
-    skip the full [batch, seq, vocab] logits when the loss is computed in chunks from hidden states."""
+    skip the full [batch, seq, vocab] logits when the loss is computed in chunks from hidden states.
+    `varlen` (packed rows for the loraplex_varlen attention): also the example boundaries over the flattened
+    batch, `cu_seq_lens_q/k` and `max_length_q/k` (training/attention.py), computed here on the CPU once."""
 
-    def __init__(self, pad_token_id: int, chunked_loss: bool = False, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int, chunked_loss: bool = False, pad_to_multiple_of: int = 1,
+                 varlen: bool = False):
         self.pad_token_id, self.chunked_loss = pad_token_id, chunked_loss
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_multiple_of, self.varlen = pad_to_multiple_of, varlen
 
     def __call__(self, rows: list[dict]) -> dict:
         lengths = [len(r["input_ids"]) for r in rows]
@@ -89,6 +93,10 @@ class Collator:
                 positions[b, :n] = torch.tensor(row["position_ids"])
                 positions[b, n:] = torch.arange(width - n)
             batch["position_ids"] = positions
+            cu_seq_lens, longest = boundaries(positions) if self.varlen else (None, 0)
+            if cu_seq_lens is not None and len(cu_seq_lens) - 1 > len(rows):  # else: one example per row, no padding
+                batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens
+                batch["max_length_q"] = batch["max_length_k"] = longest
         else:
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for b, n in enumerate(lengths):

@@ -1,35 +1,34 @@
-"""`loraplex bench train`: our QLoRA training beside plain PEFT + Trainer, same model, data and LoRA config.
+"""`loraplex bench train`: our QLoRA training beside PEFT + TRL's SFTTrainer tuned as its docs say, in one run.
 
 Model: the shape of a config.json (default Llama-3.1-8B) with seeded random weights, decoder linears in
 NF4 (double quant), built by server/bench/peft_baseline.build_hf_nf4_model: no checkpoint needed.
-Data: seeded synthetic examples, lengths log-normal in [32, seq_len] (median ~seq_len/4), the first
-30% of each a prompt (no loss). LoRA r16, alpha 32, all-linear, dropout 0.05, gradient checkpointing,
-bf16, paged AdamW 8-bit on a GPU (plain AdamW on the CPU).
+Two cases, each run by every side (training/bench_sides.py says exactly what each side runs):
 
-    baseline  prepare_model_for_kbit_training + get_peft_model + Trainer; batches of `batch_size`
-              examples padded to the longest; the model's loss over full [batch, seq, vocab] logits
-    loraplex  the same model through training/model.add_lora; examples packed into rows of seq_len
-              (no attention across examples); loss in chunks over trained positions only
+    packed  seeded examples, lengths log-normal in [32, seq_len] (median ~seq_len/4), the first 30% of each
+            a prompt (no loss); each side packs them into rows of seq_len its own way (best-fit decreasing
+            both), batch_size rows per step: the same real tokens per optimizer step within packing's slack
+    full    every example exactly seq_len tokens: nothing to pack or pad, so packing cannot help anyone
 
 Measured over the steps after `warmup_steps`: real (non-padding) tokens per second and peak GPU memory.
-JSON to benchmarks/results/train-<device>-<time>.json.
+JSON to benchmarks/results/train-<device>-<time>.json, with what each side ran.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .batching import Collator, RowDataset, pack, unpacked
+from .bench_sides import SIDES, Side, run_side
 from .encode import IGNORE, Encoded
+
+CASES = ("packed", "full")
+PEER_ATTENTIONS = ("sdpa", "flex_attention", "eager")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,34 +38,55 @@ class TrainBenchConfig:
     device: str = "cuda"
     seq_len: int = 1024
     batch_size: int = 4
-    """Rows (ours: packed rows of seq_len; baseline: examples) per step."""
+    """Rows of seq_len per optimizer step, every side (packed rows, or full-length examples)."""
     baseline_batch_size: int | None = None
-    """Examples per step for the baseline, when not batch_size: a packed row holds several examples, so
-    about batch_size * seq_len / mean length gives both the same tokens per step."""
+    """Examples per step for the old padded `peft` baseline (default batch_size * seq_len / mean length)."""
     steps: int = 20
     warmup_steps: int = 3
     num_examples: int = 512
+    """Examples of the packed case (the full case makes as many full rows as the steps need)."""
     rank: int = 16
     alpha: float = 32.0
     seed: int = 0
-    impls: tuple[str, ...] = ("loraplex", "peft")
+    impls: tuple[str, ...] = ("loraplex", "trl")
+    cases: tuple[str, ...] = CASES
+    attention: str = "auto"
+    """Ours: auto, sdpa or varlen."""
+    liger: str = "auto"
+    """Ours: auto, on or off."""
+    checkpoint_layers: int | None = None
+    """Ours: checkpoint only the first N decoder layers (None: all, like the peer)."""
+    peer_attentions: tuple[str, ...] = ("sdpa",)
+    """TRL on packed rows, one run each: sdpa (a dense block-diagonal mask over the flattened batch) and/or
+    flex_attention (a block mask); no flash-attn package on our GPU image. Ours / TRL uses the fastest.
+    Full rows: sdpa only (no mask at all, so SDPA's flash backend: nothing faster to offer)."""
+    peer_liger: str = "auto"
+    """TRL use_liger_kernel: on, off, or auto (on exactly when ours runs Liger: same kernels on both sides)."""
 
 
 def add_bench_train_parser(bench_subparsers) -> None:
-    """`train` under `loraplex bench` (the lead wires it beside `serve`)."""
+    """`train` under `loraplex bench` (wired beside `serve` in server/bench/cli.py)."""
     d = TrainBenchConfig()  # slots=True: class attributes are descriptors, not the defaults
-    p = bench_subparsers.add_parser("train", help="QLoRA training tokens/s and peak memory, ours beside PEFT+Trainer")
+    p = bench_subparsers.add_parser("train", help="QLoRA training tokens/s and peak memory, ours beside PEFT + TRL")
     p.add_argument("--model", default=d.model, help="folder with config.json (random weights)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows of seq-len per step, every side")
     p.add_argument("--baseline-batch-size", type=int, default=None,
-                   help="examples per step for PEFT + Trainer (default: --batch-size)")
+                   help="examples per step for the old padded peft baseline")
     p.add_argument("--steps", type=int, default=d.steps, help="measured steps")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--num-examples", type=int, default=d.num_examples)
     p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--impls", default="loraplex,peft", help="comma-separated: loraplex, peft")
+    p.add_argument("--impls", default=",".join(d.impls), help=f"comma-separated: {', '.join(SIDES)} (peft: the old "
+                   "padded PEFT + Trainer baseline, packed case only)")
+    p.add_argument("--cases", default=",".join(d.cases), help="comma-separated: packed, full")
+    p.add_argument("--attention", default=d.attention, choices=["auto", "sdpa", "varlen"], help="ours")
+    p.add_argument("--liger", default=d.liger, choices=["auto", "on", "off"], help="ours")
+    p.add_argument("--checkpoint-layers", type=int, default=None, help="ours: checkpoint only the first N layers")
+    p.add_argument("--peer-attention", default=",".join(d.peer_attentions),
+                   help="TRL on packed rows, comma-separated, one run each: sdpa, flex_attention")
+    p.add_argument("--peer-liger", default=d.peer_liger, choices=["auto", "on", "off"])
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
 
 
@@ -74,36 +94,112 @@ def run_bench_train(args: argparse.Namespace, say=print) -> int:
     from loraplex.server.bench.cli import environment
 
     cfg = TrainBenchConfig(model=args.model, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size,
-                           baseline_batch_size=args.baseline_batch_size,
-                           steps=args.steps, warmup_steps=args.warmup_steps, num_examples=args.num_examples,
-                           rank=args.rank, impls=tuple(i for i in args.impls.split(",") if i))
-    env = environment(cfg.device)
+                           baseline_batch_size=args.baseline_batch_size, steps=args.steps,
+                           warmup_steps=args.warmup_steps, num_examples=args.num_examples, rank=args.rank,
+                           impls=_names(args.impls, SIDES, "impl"), cases=_names(args.cases, CASES, "case"),
+                           attention=args.attention, liger=args.liger, checkpoint_layers=args.checkpoint_layers,
+                           peer_attentions=_names(args.peer_attention, PEER_ATTENTIONS, "peer attention"),
+                           peer_liger=args.peer_liger)
+    env = {**environment(cfg.device), **_versions()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train-{env['device_slug']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report = {"benchmark": "train", "config": dataclasses.asdict(cfg), "environment": env, "results": {},
-              "complete": False}
-    for impl in cfg.impls:
-        report["results"][impl] = bench_one(cfg, impl)
-        r = report["results"][impl]
-        peak = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] is not None else "-"
-        say(f"{impl:9s}: {r['tokens_per_s']:10.1f} tok/s, peak {peak}, "
-            f"{r['step_s']:.3f} s/step, {r['tokens_per_step']:.0f} real tokens/step, loss {r['loss_first']:.3f} -> "
-            f"{r['loss_last']:.3f}")
-        path.write_text(json.dumps(report, indent=2))
-    results = report["results"]
-    if "loraplex" in results and "peft" in results:
-        ours, peft = results["loraplex"], results["peft"]
-        report["ratios"] = {"tokens_per_s": ours["tokens_per_s"] / peft["tokens_per_s"],
-                            "peak_memory": ours["peak_memory_gb"] / peft["peak_memory_gb"]
-                            if ours["peak_memory_gb"] and peft["peak_memory_gb"] else None}
-        memory = report["ratios"]["peak_memory"]
-        say(f"loraplex / peft: x{report['ratios']['tokens_per_s']:.2f} tokens/s, "
-            + (f"x{memory:.2f} peak memory" if memory is not None else "peak memory not measured (CPU)"))
+              "ratios": {}, "complete": False}
+    model_config = json.loads((Path(cfg.model) / "config.json").read_text())
+    vocab = int(model_config["vocab_size"])
+    for case in cfg.cases:
+        examples = synthetic_examples(cfg.num_examples, cfg.seq_len, vocab, cfg.seed) if case == "packed" else \
+            full_row_examples((cfg.warmup_steps + cfg.steps) * cfg.batch_size, cfg.seq_len, vocab, cfg.seed)
+        results = report["results"].setdefault(case, {})
+        for side in sides_for(cfg, case, examples):
+            key = side.impl if side.impl != "trl" else f"trl-{side.attention}"
+            results[key] = run_side(side, cfg, model_config, examples)
+            say(_line(results[key], key))
+            path.write_text(json.dumps(report, indent=2))
+        report["ratios"][case] = _ratios(results)
     report["complete"] = True
     path.write_text(json.dumps(report, indent=2))
+    for line in table(report):
+        say(line)
     say(f"wrote {path}")
     return 0
+
+
+def sides_for(cfg: TrainBenchConfig, case: str, examples: list[Encoded]) -> list[Side]:
+    """The runs of one case: the peer's Liger follows ours on auto, the peer runs once per attention on packed
+    rows; the old padded baseline (packed case only) gets as many real tokens per step as batch_size rows."""
+    from .kernels import resolve_liger
+
+    cuda = cfg.device.startswith("cuda")
+    sides = []
+    for impl in cfg.impls:
+        if impl == "loraplex":
+            sides.append(Side(impl, case, cfg.batch_size, cfg.attention, cfg.liger, cfg.checkpoint_layers))
+        elif impl == "trl":
+            liger = cfg.peer_liger if cfg.peer_liger != "auto" else ("on" if resolve_liger(cfg.liger, cuda) else "off")
+            for attention in cfg.peer_attentions if case == "packed" else ("sdpa",):
+                sides.append(Side(impl, case, cfg.batch_size, attention, liger))
+        elif case == "packed":  # on full rows the padded baseline is the trl side without its packing
+            mean = sum(len(e.input_ids) for e in examples) / len(examples)
+            batch = cfg.baseline_batch_size or max(1, round(cfg.batch_size * cfg.seq_len / mean))
+            sides.append(Side(impl, case, batch, "sdpa", "off"))
+    return sides
+
+
+def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(n for n in text.split(",") if n)
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what} {bad} (choose from {', '.join(allowed)})")
+    return names
+
+
+def _ratios(results: dict) -> dict:
+    """Ours / the fastest TRL run of the case."""
+    peers = [key for key in results if key.startswith("trl-")]
+    if "loraplex" not in results or not peers:
+        return {}
+    best = max(peers, key=lambda key: results[key]["tokens_per_s"])
+    ours, peer = results["loraplex"], results[best]
+    memory = ours["peak_memory_gb"] / peer["peak_memory_gb"] if ours["peak_memory_gb"] and peer["peak_memory_gb"] \
+        else None
+    return {"peer": best, "tokens_per_s": ours["tokens_per_s"] / peer["tokens_per_s"], "peak_memory": memory}
+
+
+def _line(r: dict, key: str) -> str:
+    peak = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] is not None else "-"
+    return (f"{r['case']:6s} {key:18s}: {r['tokens_per_s']:10.1f} tok/s, peak {peak}, {r['step_s']:.3f} s/step, "
+            f"{r['tokens_per_step']:.0f} real tokens/step, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+
+
+def table(report: dict) -> list[str]:
+    """A short table: every case and side, and ours / trl."""
+    lines = [f"{'case':7s}{'side':20s}{'tokens/s':>11s}{'peak GB':>9s}{'tok/step':>9s}  attention / liger / ckpt"]
+    for case, results in report["results"].items():
+        for impl, r in results.items():
+            ran = r["ran"]
+            peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
+            lines.append(f"{case:7s}{impl:20s}{r['tokens_per_s']:11.1f}{peak:>9s}{r['tokens_per_step']:9.0f}  "
+                         f"{ran['attention'].split(' ')[0]} / {ran['liger'].split(',')[0]} / {ran['checkpointed_layers']}")
+        ratio = report["ratios"].get(case)
+        if ratio:
+            memory = f"x{ratio['peak_memory']:.2f}" if ratio["peak_memory"] is not None else "not measured (CPU)"
+            lines.append(f"{case:7s}loraplex / {ratio['peer']}: x{ratio['tokens_per_s']:.2f} tokens/s, "
+                         f"peak memory {memory}")
+    return lines
+
+
+def _versions() -> dict:
+    import importlib.metadata as metadata
+
+    found = {}
+    for package in ("trl", "liger-kernel", "datasets"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def synthetic_examples(num: int, seq_len: int, vocab_size: int, seed: int) -> list[Encoded]:
@@ -119,102 +215,12 @@ def synthetic_examples(num: int, seq_len: int, vocab_size: int, seed: int) -> li
     return examples
 
 
-class _Counting:
-    """Wraps a collator; remembers the real tokens of each batch, in order."""
-
-    def __init__(self, collate):
-        self.collate, self.tokens = collate, []
-
-    def __call__(self, rows):
-        self.tokens.append(sum(len(r["input_ids"]) for r in rows))
-        return self.collate(rows)
-
-
-def _pad_collate(rows: list[dict]) -> dict:
-    """Plain padding to the longest example (what DataCollatorForSeq2Seq does)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def bench_one(cfg: TrainBenchConfig, impl: str) -> dict:
-    """Train warmup_steps + steps on a fresh model; throughput and peak memory over the measured steps."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-    from transformers.quantizers import AutoHfQuantizer
-
-    from loraplex.server.bench.peft_baseline import build_hf_nf4_model
-
-    from .config import TrainConfig
-    from .loss import ChunkedCausalLMLoss
-    from .model import add_lora
-    from .trainer import LoraplexTrainer
-
-    if impl not in ("loraplex", "peft"):
-        raise ValueError(f"unknown impl {impl!r} (loraplex or peft)")
-    cuda = cfg.device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model_config = json.loads((Path(cfg.model) / "config.json").read_text())
-    examples = synthetic_examples(cfg.num_examples, cfg.seq_len, int(model_config["vocab_size"]), cfg.seed)
-    _reset_memory(cuda)
-    model = build_hf_nf4_model(model_config, cfg.device, compute_dtype=dtype, seed=cfg.seed).train()
-    model.config.use_cache = False
-    # what from_pretrained(quantization_config=...) attaches; Trainer reads it to allow training on NF4
-    model.hf_quantizer = AutoHfQuantizer.from_config(model.config.quantization_config)
-    train_cfg = TrainConfig(data="(bench)", out="(bench)", qlora=True, r=cfg.rank, alpha=cfg.alpha, dropout=0.05,
-                            gradient_checkpointing=True, packing=True, max_length=cfg.seq_len, seed=cfg.seed)
-    if impl == "loraplex":
-        model = add_lora(model, train_cfg)
-        rows, _ = pack(examples, cfg.seq_len)
-        loss = ChunkedCausalLMLoss(model)
-        collator, trainer_class, extra = _Counting(Collator(0, chunked_loss=True)), LoraplexTrainer, \
-            {"compute_loss_func": loss}
-    else:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.05,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
-        rows, collator, trainer_class, extra = unpacked(examples), _Counting(_pad_collate), Trainer, {}
-    batch_size = cfg.batch_size if impl == "loraplex" else cfg.baseline_batch_size or cfg.batch_size
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
-
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=cfg.warmup_steps + cfg.steps,
-            learning_rate=2e-4, bf16=cuda, use_cpu=not cuda, optim="paged_adamw_8bit" if cuda else "adamw_torch",
-            logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
-            label_names=["labels"], seed=cfg.seed, dataloader_drop_last=True)
-        trainer = trainer_class(model=model, args=args, train_dataset=RowDataset(rows), data_collator=collator,
-                                callbacks=[Clock()], **extra)
-        start = time.perf_counter()
-        trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    measured = slice(cfg.warmup_steps, cfg.warmup_steps + cfg.steps)
-    step_times = [b - a for a, b in zip([start, *times[:-1]], times)][measured]
-    tokens = collator.tokens[measured]
-    result = {
-        "impl": impl, "steps_measured": len(step_times), "tokens_per_s": sum(tokens) / sum(step_times),
-        "step_s": sum(step_times) / len(step_times), "tokens_per_step": sum(tokens) / len(tokens),
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,  # CPU: not measured
-        "loss_first": losses[0], "loss_last": losses[-1], "rows": len(rows), "batch_size": batch_size}
-    del trainer, model
-    _reset_memory(cuda)
-    return result
-
-
-def _reset_memory(cuda: bool) -> None:
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+def full_row_examples(num: int, seq_len: int, vocab_size: int, seed: int) -> list[Encoded]:
+    """Seeded examples of exactly seq_len tokens, the first 30% untrained (prompt)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    prompt = int(seq_len * 0.3)
+    examples = []
+    for _ in range(num):
+        ids = torch.randint(3, vocab_size, (seq_len,), generator=gen).tolist()
+        examples.append(Encoded(tuple(ids), (IGNORE,) * prompt + tuple(ids[prompt:])))
+    return examples

@@ -48,6 +48,12 @@ TRAIN_FLAGS = {
     "--group-by-length": ("group_by_length", dict(action="store_true", default=None,
                                                   help="batch examples of similar length")),
     "--gradient-checkpointing": ("gradient_checkpointing", dict(action="store_true", default=None)),
+    "--checkpoint-layers": ("checkpoint_layers", dict(type=int, metavar="N", help="with --gradient-checkpointing: "
+                                                      "recompute only the first N decoder layers (default all)")),
+    "--attention": ("attention", dict(choices=["auto", "sdpa", "varlen"], help="varlen: packed rows without a "
+                                      "dense mask (FlashAttention varlen on a GPU); auto (default) picks it there")),
+    "--liger": ("liger", dict(choices=["auto", "on", "off"], help="Liger Kernel fused ops (default auto: on with "
+                              "CUDA + Triton + liger-kernel)")),
     "--no-chunked-loss": ("chunked_loss", dict(action="store_false", default=None,
                                                help="use the model's full-logits loss")),
     "--eval-steps": ("eval_steps", dict(type=int, metavar="N", help="also evaluate every N steps")),

@@ -11,6 +11,8 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 ALL_LINEAR = "all-linear"
+ATTENTIONS = ("auto", "sdpa", "varlen")
+LIGER_SETTINGS = ("auto", "on", "off")
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
@@ -61,8 +63,17 @@ class TrainConfig:
     """Batch examples of similar length together (less padding; ignored with packing)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more time."""
+    checkpoint_layers: int | None = None
+    """With gradient_checkpointing: recompute only the first N decoder layers (None: all). Each layer left out
+    keeps its activations: faster backward, more memory (training/model.py limit_checkpointing)."""
     chunked_loss: bool = True
     """Cross-entropy only on the trained positions, in chunks, without materializing [batch, seq, vocab] logits."""
+    attention: str = "auto"
+    """sdpa, varlen (packed rows without a dense mask: training/attention.py), or auto (varlen for packed rows
+    on a GPU whose PyTorch has FlashAttention varlen, else sdpa)."""
+    liger: str = "auto"
+    """Liger Kernel (RMSNorm, SwiGLU, RoPE, fused linear + cross-entropy): on, off, or auto (on with CUDA,
+    Triton and liger-kernel installed)."""
 
     eval_split: float = 0.1
     """Fraction of `data` held out for evaluation when there is no `eval_data` (0: no evaluation)."""
@@ -128,6 +139,14 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)} (>= 0)")
         if self.precision not in PRECISIONS:
             problems.append(f"precision={self.precision!r} (choose from {', '.join(PRECISIONS)})")
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
+            problems.append(f"checkpoint_layers={self.checkpoint_layers} (>= 0, or None for all)")
+        if self.attention not in ATTENTIONS:
+            problems.append(f"attention={self.attention!r} (choose from {', '.join(ATTENTIONS)})")
+        if self.liger not in LIGER_SETTINGS:
+            problems.append(f"liger={self.liger!r} (choose from {', '.join(LIGER_SETTINGS)})")
+        if self.device == "cpu" and self.liger == "on":
+            problems.append("liger='on' needs a GPU (Triton kernels)")
         if self.device not in DEVICES:
             problems.append(f"device={self.device!r} (choose from {', '.join(DEVICES)})")
         if self.optim not in OPTIMIZERS:

@@ -8,7 +8,9 @@ gradient: for a 128k vocabulary and 4 x 1024 tokens, ~6 GB). Here the model runs
 
 computed `chunk_tokens` positions at a time, each chunk under activation checkpointing so its logits
 are rebuilt in backward instead of kept. Prompt positions never reach lm_head. The value equals
-transformers' ForCausalLMLoss (tests/training/test_loss.py). Llama-family heads only (no logit
+transformers' ForCausalLMLoss (tests/training/test_loss.py). With `fused=True` (Liger Kernel, GPU) the
+same sum is one fused linear + cross-entropy over all trained positions instead (training/kernels.py).
+Llama-family heads only (no logit
 scaling or soft-capping); not with FSDP, whose sharded lm_head weight is not readable outside forward.
 """
 from __future__ import annotations
@@ -32,10 +34,10 @@ def supports_chunked_loss(model) -> bool:
 class ChunkedCausalLMLoss:
     """A Trainer `compute_loss_func`: (outputs, labels, num_items_in_batch) -> loss."""
 
-    def __init__(self, model, chunk_tokens: int = 1024):
+    def __init__(self, model, chunk_tokens: int = 1024, fused: bool = False):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.lm_head = base.get_output_embeddings()
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens, self.fused = chunk_tokens, fused
         self._hidden: torch.Tensor | None = None
         self._hook = base.model.norm.register_forward_hook(self._keep)
 
@@ -54,7 +56,11 @@ class ChunkedCausalLMLoss:
         y = targets[where]                               # [N]
         weight = self.lm_head.weight
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, y.numel(), self.chunk_tokens):
+        if self.fused and y.numel():
+            from .kernels import fused_linear_cross_entropy_sum
+
+            total = total + fused_linear_cross_entropy_sum(h, y, weight).float()
+        for start in range(0, 0 if self.fused else y.numel(), self.chunk_tokens):
             chunk = slice(start, start + self.chunk_tokens)
             if torch.is_grad_enabled():
                 total = total + checkpoint(_ce_sum, h[chunk], y[chunk], weight, use_reentrant=False)

@@ -111,9 +111,14 @@ def add_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.qlora:
+        frozen_tables = _frozen_tables(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        # it upcasts every weight that is not 4-bit to fp32; the norms keep that (QLoRA's recipe), but the frozen
+        # embedding and lm_head only cost memory in fp32 (8B: +4 GB) and get cast back to bf16 in every matmul
+        for weight, dtype in frozen_tables:
+            weight.data = weight.data.to(dtype)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
@@ -122,6 +127,15 @@ def add_lora(model, cfg: TrainConfig):
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         use_rslora=cfg.rslora, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def _frozen_tables(model) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
+    """The input embedding and lm_head weights with their dtypes (one entry when tied)."""
+    tables = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and not type(module.weight).__name__ == "Params4bit":
+            tables[id(module.weight)] = (module.weight, module.weight.dtype)
+    return list(tables.values())
 
 
 def check_targets(model, targets: tuple[str, ...]) -> None:
@@ -138,3 +152,55 @@ def check_targets(model, targets: tuple[str, ...]) -> None:
     if unservable:
         log.warning("target_modules %s: loraplex serve only applies adapters to %s", unservable,
                     ", ".join(SERVABLE_MODULES))
+
+
+def decoder_layers(model) -> list:
+    """The decoder blocks of a (PEFT-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.model.layers)
+
+
+def limit_checkpointing(model, layers: int) -> int:
+    """Recompute in backward only the first `layers` decoder blocks (after gradient_checkpointing_enable);
+    the rest keep their activations. Early blocks are the ones whose activations live longest. Returns how
+    many blocks are checkpointed."""
+    blocks = decoder_layers(model)
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = block.gradient_checkpointing and i < layers
+    return sum(bool(block.gradient_checkpointing) for block in blocks)
+
+
+def speedups(model, cfg: TrainConfig, runtime: Runtime) -> dict:
+    """Apply the configured speed-ups to a model with LoRA; returns what runs (for the summary and the bench)."""
+    from .attention import resolve_attention, use_varlen
+    from .kernels import apply_liger, resolve_liger
+
+    cuda = runtime.device == "cuda"
+    attention = resolve_attention(cfg.attention, cuda, cfg.packing)
+    if attention == "varlen":
+        use_varlen(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    liger = resolve_liger(cfg.liger, cuda, base.config.model_type)
+    if liger:
+        apply_liger(model)
+    if runtime.bf16:
+        keep_lora_inputs_in_compute_dtype(model)
+    checkpointed = 0
+    if cfg.gradient_checkpointing:
+        blocks = len(decoder_layers(model))
+        checkpointed = limit_checkpointing(model, blocks if cfg.checkpoint_layers is None else cfg.checkpoint_layers)
+    return {"attention": attention, "liger": liger, "checkpointed_layers": checkpointed,
+            "lora_inputs": "bf16 (autocast)" if runtime.bf16 else "as computed"}
+
+
+def keep_lora_inputs_in_compute_dtype(model) -> int:
+    """PEFT casts each LoRA layer's input to its weights' dtype: fp32 LoRA weights (kept for exact small updates)
+    then turn every [tokens, hidden] activation into an fp32 copy, 7 projections x every layer, forward and
+    recompute. Under bf16 autocast the matmul runs in bf16 anyway, so the copy only costs time and memory: keep the
+    input as it comes. Returns how many LoRA layers were switched."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+            switched += 1
+    return switched

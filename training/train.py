@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .data import read_jsonl, split_eval
 from .encode import encode_examples
 from .loss import ChunkedCausalLMLoss, supports_chunked_loss
-from .model import add_lora, base_model_id, load_base, load_tokenizer, resolve_runtime
+from .model import add_lora, base_model_id, load_base, load_tokenizer, resolve_runtime, speedups
 
 log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -68,9 +68,10 @@ def train(cfg: TrainConfig, say=print) -> TrainResult:
     # ---- model ----
     set_seed(cfg.seed)  # LoRA A matrices are drawn here
     model = add_lora(load_base(base_dir, cfg, runtime), cfg)
+    running = speedups(model, cfg, runtime)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    chunked = ChunkedCausalLMLoss(model) if cfg.chunked_loss and not cfg.fsdp and supports_chunked_loss(model) \
-        else None
+    chunked = ChunkedCausalLMLoss(model, fused=running["liger"]) \
+        if cfg.chunked_loss and not cfg.fsdp and supports_chunked_loss(model) else None
 
     # ---- trainer ----
     has_eval = bool(eval_encoded)
@@ -96,7 +97,8 @@ def train(cfg: TrainConfig, say=print) -> TrainResult:
     trainer = LoraplexTrainer(
         model=model, args=args, train_dataset=RowDataset(rows),
         eval_dataset=RowDataset(unpacked(eval_encoded)) if has_eval else None,
-        data_collator=Collator(tokenizer.pad_token_id, chunked_loss=chunked is not None),
+        data_collator=Collator(tokenizer.pad_token_id, chunked_loss=chunked is not None,
+                               varlen=running["attention"] == "varlen"),
         compute_loss_func=chunked, callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
 
@@ -124,7 +126,7 @@ def train(cfg: TrainConfig, say=print) -> TrainResult:
         unwrapped.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
     if trainer.is_world_process_zero():
         summary = _summary(cfg, runtime, args.world_size, base_dir, trainer, result, trainable,
-                           train_file, eval_file, train_stats, eval_stats, pack_stats, started)
+                           train_file, eval_file, train_stats, eval_stats, pack_stats, started, running)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()  # Trainer makes its output_dir even when it saves no checkpoint
@@ -179,7 +181,7 @@ def _tensorboard(logs_dir: Path):
 
 
 def _summary(cfg, runtime, world_size, base_dir, trainer, result, trainable, train_file, eval_file,
-             train_stats, eval_stats, pack_stats, started) -> dict:
+             train_stats, eval_stats, pack_stats, started, running) -> dict:
     import bitsandbytes
     import peft
     import torch
@@ -207,6 +209,7 @@ def _summary(cfg, runtime, world_size, base_dir, trainer, result, trainable, tra
                  "weights_sha256": folder_weights_sha256(base_dir),
                  "quantization": "nf4" if cfg.qlora else "none", "dtype": "bf16" if runtime.bf16 else "fp32"},
         "data": data,
+        "speedups": running,
         "hyperparameters": {**cfg.to_dict(), "optim": runtime.optim, "device": runtime.device,
                             "world_size": world_size,
                             "effective_batch": cfg.batch_size * cfg.grad_accum * world_size},

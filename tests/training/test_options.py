@@ -54,10 +54,14 @@ def adapter_after(tmp_path, tiny_base, name, **overrides):
     return load_file(str(result.out / "adapter_model.safetensors")), result.summary
 
 
-@pytest.mark.parametrize("option", [dict(gradient_checkpointing=True), dict(chunked_loss=False)])
-def test_options_that_must_not_change_training(tmp_path, tiny_base, option):
-    reference, ref_summary = adapter_after(tmp_path, tiny_base, "reference")
-    other, summary = adapter_after(tmp_path, tiny_base, "other", **option)
+@pytest.mark.parametrize("common, option", [
+    ({}, dict(gradient_checkpointing=True)), ({}, dict(chunked_loss=False)),
+    ({}, dict(gradient_checkpointing=True, checkpoint_layers=1)), ({}, dict(attention="varlen")),
+    (dict(packing=True, max_length=160), dict(attention="varlen"))])
+def test_options_that_must_not_change_training(tmp_path, tiny_base, common, option):
+    reference, ref_summary = adapter_after(tmp_path, tiny_base, "reference", **common)
+    other, summary = adapter_after(tmp_path, tiny_base, "other", **common, **option)
+    assert summary["speedups"]["attention"] == option.get("attention", "sdpa")
     for key in reference:
         torch.testing.assert_close(other[key], reference[key], atol=1e-5, rtol=1e-4, msg=key)
     assert [l for _, l in summary["loss_curve"]] == pytest.approx([l for _, l in ref_summary["loss_curve"]], rel=1e-4)
