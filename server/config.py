@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .adapters.source_rules import parse_rule
 from .errors import ConfigError
@@ -55,14 +56,19 @@ class LoRAConfig:
 
     max_lora_rank: int = 64
     """Largest adapter rank accepted; device slots are padded to it."""
-    max_loras: int = 8
-    """Adapter slots on the device: distinct adapters usable in one step."""
+    max_loras: int | Literal["auto"] = 8
+    """Adapter slots on the device: distinct adapters usable in one step. "auto": as many as fit the GPU memory
+    left after the model and KV cache, less `slot_memory_margin` (at most max_cpu_loras; 8 on the CPU)."""
+    slot_memory_margin: int = 4 << 30
+    """With max_loras "auto": GPU bytes kept free for activations, CUDA graphs and the allocator's slack."""
     max_cpu_loras: int = 64
     """Validated adapters kept in host memory (LRU); the rest reload from disk."""
     max_cpu_lora_bytes: int | None = None
     """And at most this many bytes of them (None: the count alone bounds the host tier)."""
     max_adapters_per_request: int = 8
     """Most adapters one weighted mix may name."""
+    staging_bytes: int = 256 * 1024 * 1024
+    """Pinned host buffers for slot fills on a GPU, reused by every fill (raised to one slot's bytes if less)."""
     derived_rank: int = 64
     """TIES/DARE mixes are compressed back to at most this rank by SVD."""
 
@@ -70,13 +76,22 @@ class LoRAConfig:
         problems = []
         if not 1 <= self.max_lora_rank <= 1024:
             problems.append(f"max_lora_rank={self.max_lora_rank} (1..1024)")
-        if self.max_loras < 1:
-            problems.append(f"max_loras={self.max_loras} (>= 1)")
+        auto = self.max_loras == "auto"
+        if not auto and (not isinstance(self.max_loras, int) or self.max_loras < 1):
+            problems.append(f"max_loras={self.max_loras!r} (>= 1, or 'auto')")
+            auto = True  # (the checks against it would only repeat the problem)
+        if self.slot_memory_margin < 0:
+            problems.append(f"slot_memory_margin={self.slot_memory_margin} (>= 0)")
+        if self.staging_bytes < 1:
+            problems.append(f"staging_bytes={self.staging_bytes} (>= 1)")
         if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
             problems.append(f"max_cpu_lora_bytes={self.max_cpu_lora_bytes} (>= 1, or unset)")
-        if self.max_cpu_loras < self.max_loras:
+        if not auto and self.max_cpu_loras < self.max_loras:
             problems.append(f"max_cpu_loras={self.max_cpu_loras} (>= max_loras={self.max_loras})")
-        if not 1 <= self.max_adapters_per_request <= self.max_loras:
+        if auto and not 1 <= self.max_adapters_per_request <= self.max_cpu_loras:
+            problems.append(f"max_adapters_per_request={self.max_adapters_per_request} "
+                            f"(1..max_cpu_loras={self.max_cpu_loras})")
+        if not auto and not 1 <= self.max_adapters_per_request <= self.max_loras:
             problems.append(
                 f"max_adapters_per_request={self.max_adapters_per_request} (1..max_loras={self.max_loras})"
             )

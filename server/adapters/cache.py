@@ -1,9 +1,11 @@
 """Adapter tiers: disk -> host (validated, prepared, LRU) -> device slots (LRU, pins, refcounts).
 
-Loads from disk (and mix builds) run on a loader thread, never on the engine thread; the engine
-thread only copies prepared host tensors into a slot, one adapter's worth of copies. A slot whose
-adapter is used by a running sequence (refcount > 0) or pinned is never evicted; a host copy
-wanted by a live request is never dropped.
+Loads from disk (and mix builds) run on a loader thread, never on the engine thread. A host copy is
+packed as one device slot takes it (lora.slot_pack); installing it in a slot starts a fill (lora.slot_filler:
+on a GPU, a staged asynchronous copy on a side stream) and the slot is published (readable) once the fill has
+landed: `fills_landed` says when, without waiting. A slot whose adapter is used by a sequence (refcount > 0,
+taken at admission, also while its fill runs) or pinned is never evicted; a host copy wanted by a live
+request is never dropped. Eviction zeroes nothing: ranks go to 0 and the kernels read only rank rows.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Callable
 import torch
 
 from ..lora.prepare import prepare_for_device
+from ..lora.slot_filler import FillTicket, SlotFiller
+from ..lora.slot_pack import pack_adapter
 from ..lora.stacks import LoraStacks
 from .types import AdapterWeights
 
@@ -36,6 +40,8 @@ class CacheStats:
     loads: int = 0
     installs: int = 0
     """Adapters copied into a device slot (device-tier misses)."""
+    staging_waits: int = 0
+    """Installs put off because every pinned staging buffer was lent (a bigger --lora-staging-bytes helps)."""
     image_rebuilds: int = 0
     """Host misses that found an adapter's prepared image damaged or missing and rebuilt it from its folder."""
 
@@ -47,14 +53,16 @@ class _Slot:
     pinned: bool = False
     last_used: float = 0.0
     targets: frozenset = frozenset()
+    fill: FillTicket | None = None
+    """The fill still landing (None: the slot reads as its adapter)."""
 
 
 class AdapterCache:
-    def __init__(self, lora_stacks: LoraStacks, max_host: int, dtype: torch.dtype, pin_memory: bool,
+    def __init__(self, lora_stacks: LoraStacks, filler: SlotFiller, max_host: int, dtype: torch.dtype,
                  max_host_bytes: int | None = None):
-        self.lora_stacks = lora_stacks
+        self.lora_stacks, self.filler = lora_stacks, filler
         num_slots = lora_stacks.num_slots
-        self.dtype, self.pin_memory = dtype, pin_memory
+        self.dtype = dtype
         self.max_host, self.max_host_bytes = max_host, max_host_bytes
         self.stats = CacheStats()
         self._lock = threading.Lock()
@@ -74,7 +82,9 @@ class AdapterCache:
 
     # ---- host tier (any thread) ----
     def prepare(self, adapter: AdapterWeights) -> AdapterWeights:
-        return prepare_for_device(adapter, self.dtype, self.pin_memory)
+        """Scales folded, compute dtype, packed as a slot takes it (ordinary memory: fills stage it pinned)."""
+        return pack_adapter(prepare_for_device(adapter, self.dtype, pin=False), self.lora_stacks.shapes,
+                            self.lora_stacks.max_rank)
 
     def put_host(self, key: str, prepared: AdapterWeights) -> None:
         with self._lock:
@@ -198,7 +208,8 @@ class AdapterCache:
 
     # ---- device tier (engine thread only) ----
     def acquire(self, keys: list[str]) -> list[int] | None:
-        """Slots for all `keys` (host-ready), refcounted; None if not enough slots can be freed now."""
+        """Slots for all `keys` (host-ready), refcounted; None if not enough slots can be freed now (or no
+        staging buffer is free for a fill). A slot may still be filling: see `fills_landed`."""
         missing = [k for k in dict.fromkeys(keys) if k not in self._slot_of]
         if missing:
             free = [i for i, s in enumerate(self._slots) if s.key is None]
@@ -209,7 +220,8 @@ class AdapterCache:
                 return None
             for key in missing:
                 slot = free.pop() if free else evictable.pop(0)
-                self._install(slot, key)
+                if not self._install(slot, key):
+                    return None
         else:
             self.stats.hits += len(keys)
         now = time.monotonic()
@@ -249,19 +261,57 @@ class AdapterCache:
         if slot is not None:
             self._slots[slot].pinned = False
 
-    def _install(self, slot: int, key: str) -> None:
-        if self._slots[slot].key is not None:
-            self._evict(slot)
+    def fills_landed(self, slots: list[int]) -> bool:
+        """Engine thread: True when every slot of `slots` reads as its adapter (publishing those that landed)."""
+        landed = True
+        for slot in slots:
+            state = self._slots[slot]
+            if state.fill is not None:
+                if self.filler.landed(state.fill):
+                    self._publish(slot)
+                else:
+                    landed = False
+        return landed
+
+    def fill_landed(self, key: str) -> bool:
+        """Engine thread: False only while `key` holds a slot whose fill is still landing."""
+        slot = self._slot_of.get(key)
+        return slot is None or self.fills_landed([slot])
+
+    def poll_fills(self) -> None:
+        """Engine thread, every step: publish fills that landed (pins and loads with no request waiting too)."""
+        self.filler.poll()
+        filling = [slot for slot, state in enumerate(self._slots) if state.fill is not None]
+        if filling:
+            self.fills_landed(filling)
+
+    def _install(self, slot: int, key: str) -> bool:
+        """Start filling `slot` with `key`; False (nothing changed) while no staging buffer is free."""
         adapter = self.host_get(key)
-        assert adapter is not None, f"{key} is not in the host tier"
-        self.lora_stacks.write(slot, adapter)
-        self._slots[slot] = _Slot(key=key, last_used=time.monotonic(), targets=adapter.target_modules)
+        assert adapter is not None and adapter.pack is not None, f"{key} is not in the host tier"
+        if self._slots[slot].key is not None:
+            self._evict(slot)  # ranks to 0 for later steps; the fill waits for the steps already queued
+        ticket = self.filler.start(slot, adapter.pack)
+        if ticket is None:
+            self.stats.staging_waits += 1
+            return False
+        self._slots[slot] = _Slot(key=key, last_used=time.monotonic(), targets=adapter.target_modules, fill=ticket)
         self._slot_of[key] = slot
         self.stats.installs += 1
         log.info("adapter %s -> slot %d (%d bytes)", key, slot, adapter.num_bytes)
+        if self.filler.landed(ticket):  # at once on the CPU
+            self._publish(slot)
+        return True
+
+    def _publish(self, slot: int) -> None:
+        state = self._slots[slot]
+        self.lora_stacks.publish(slot, state.fill.pack)
+        state.fill = None
 
     def _evict(self, slot: int) -> None:
         key = self._slots[slot].key
+        if self._slots[slot].fill is not None:
+            self.filler.abandon(self._slots[slot].fill)
         self._slot_of.pop(key, None)
         self._slots[slot] = _Slot()
         self.lora_stacks.clear(slot)
@@ -273,9 +323,14 @@ class AdapterCache:
         """slot -> projections its adapter adapts (for the per-step LoRA metadata)."""
         return {slot: state.targets for slot, state in enumerate(self._slots) if state.key is not None}
 
+    def _on_device(self) -> list[str]:
+        """Keys whose slot reads as them (fills landed)."""
+        return [key for key, slot in list(self._slot_of.items()) if self._slots[slot].fill is None]
+
     def state_of(self, key: str) -> str:
-        """REGISTERED, LOADING, HOST or DEVICE (API.md's AdapterInfo.state)."""
-        if key in self._slot_of:
+        """REGISTERED, LOADING, HOST or DEVICE (API.md's AdapterInfo.state); a slot still filling is HOST."""
+        slot = self._slot_of.get(key)
+        if slot is not None and self._slots[slot].fill is None:
             return "DEVICE"
         with self._lock:
             if key in self._host:
@@ -286,21 +341,22 @@ class AdapterCache:
 
     def resident_counts(self) -> dict[str, int]:
         with self._lock:
-            return {"device": len(self._slot_of), "host": len(self._host)}
+            return {"device": len(self._on_device()), "host": len(self._host)}
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of adapter weights per tier (device: the adapters' own bytes, not their padded slots)."""
         with self._lock:
-            device = sum(self._host_bytes.get(k, 0) for k in self._slot_of)
+            device = sum(self._host_bytes.get(k, 0) for k in self._on_device())
             return {"device": device, "host": sum(self._host_bytes.values())}
 
     def resident_keys(self) -> dict[str, list[str]]:
         """tier -> the adapter versions (`name@version`) it holds now."""
         with self._lock:
-            return {"device": sorted(self._slot_of), "host": sorted(self._host)}
+            return {"device": sorted(self._on_device()), "host": sorted(self._host)}
 
     def slot_refs(self) -> list[int]:
         return [s.refs for s in self._slots]
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.filler.close()

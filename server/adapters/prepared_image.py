@@ -1,15 +1,16 @@
 """Prepared adapter images: an adapter exactly as the host tier holds it, in one file read with one call.
 
 A registration validates the PEFT folder once (shapes, ranks, finite values, sha256 of the weights) and
-writes its prepared form (scale folded into B, compute dtype, see `lora.prepare`) as an image. A host-tier
-miss then reads the image into one (pinned) buffer with a single `readinto` and makes every A and B a view
-of it: no safetensors parsing, no sha256, no per-tensor allocation, pinning or copy. Images are named by a
-key over everything that shapes their bytes (the weights' sha256, the config, the dtype, the format), so a
-key names one content wherever it is written.
+writes its prepared form (scale folded into B, compute dtype, see `lora.prepare`) packed as the device slots
+take it (`lora.slot_pack`: one block per pool) as an image. A host-tier miss then reads the image into one
+buffer with a single `readinto` and makes every block and every A and B a view of it: no safetensors parsing,
+no sha256, no per-tensor allocation or copy; a slot fill copies from it (through a pinned staging buffer on a
+GPU, `lora.slot_filler`). Images are named by a key over everything that shapes their bytes (the weights'
+sha256, the config, the dtype, the slot layout, the format), so a key names one content wherever it is written.
 
-    magic "LPXIMG01" | header length (u64 LE) | header JSON | zero padding to 64 | data (64-aligned tensors)
+    magic "LPXIMG02" | header length (u64 LE) | header JSON | zero padding to 64 | data (the pack's buffer)
 
-The header repeats the key and lists every module (layer, projection, A and B offsets and shapes); the data
+The header repeats the key and lists every group block (layer, group, slices, ranks, offsets, shapes); the data
 carries an xxh3-64 checksum (~20 GB/s: 4 ms for an 84 MB adapter). A read that finds anything amiss raises
 `ImageCorrupt`; the caller rebuilds the image from the registered folder. Writes go to a temporary file
 replaced atomically, so a reader never sees half an image.
@@ -27,12 +28,12 @@ from pathlib import Path
 import torch
 import xxhash
 
-from .types import AdapterWeights, ModuleLoRA
+from .types import AdapterWeights, GroupBlock, SlotPack
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"LPXIMG01"
-FORMAT = 1
+MAGIC = b"LPXIMG02"
+FORMAT = 2
 ALIGN = 64
 MAX_HEADER_BYTES = 16 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,41 +43,25 @@ class ImageCorrupt(Exception):
     """An image that is missing, truncated, altered or of another content: rebuild it, never serve it."""
 
 
-def image_key(sha256: str, config: dict, dtype: torch.dtype) -> str:
-    """The content key of an adapter's prepared image (weights, config and dtype decide its bytes)."""
-    recipe = json.dumps({"format": FORMAT, "sha256": sha256, "config": config, "dtype": _name(dtype)},
-                        sort_keys=True, default=str)
+def image_key(sha256: str, config: dict, dtype: torch.dtype, layout: str = "") -> str:
+    """The content key of an adapter's prepared image (weights, config, dtype and slot layout decide its bytes)."""
+    recipe = json.dumps({"format": FORMAT, "sha256": sha256, "config": config, "dtype": _name(dtype),
+                         "layout": layout}, sort_keys=True, default=str)
     return hashlib.sha256(recipe.encode()).hexdigest()[:40]
 
 
 def write_image(path: Path, key: str, prepared: AdapterWeights) -> int:
-    """Write `prepared` (every scale 1.0, one dtype) as the image `key` at `path`; returns the file's size."""
-    tensors, modules, offset = [], [], 0
-    for (layer, module), m in sorted(prepared.modules.items()):
-        if m.scale != 1.0:
-            raise ValueError(f"{prepared.name}: module {module} of layer {layer} is not prepared (scale {m.scale})")
-        entry = [layer, module]
-        for t in (m.a, m.b):
-            entry += [offset, list(t.shape)]
-            tensors.append((offset, t))
-            offset = _aligned(offset + t.numel() * t.element_size())
-        modules.append(entry)
-    dtype = next(iter(prepared.modules.values())).a.dtype
-    chunks, position = [], 0  # the data as written: each tensor's bytes, zeros up to the next aligned offset
-    for start, t in tensors:
-        if start > position:
-            chunks.append(bytes(start - position))
-        raw = memoryview(t.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy())
-        chunks.append(raw)
-        position = start + raw.nbytes
-    chunks.append(bytes(offset - position))
-    digest = xxhash.xxh3_64()
-    for chunk in chunks:
-        digest.update(chunk)
-    header = json.dumps({"format": FORMAT, "key": key, "dtype": _name(dtype), "name": prepared.name,
-                         "source": prepared.source, "sha256": prepared.sha256, "config": prepared.config,
-                         "modules": modules, "data_bytes": offset, "xxh3_64": digest.hexdigest()},
-                        default=str).encode()
+    """Write `prepared` (packed for the slots: lora.slot_pack) as the image `key` at `path`; returns its size."""
+    pack = prepared.pack
+    if pack is None or any(m.scale != 1.0 for m in prepared.modules.values()):
+        raise ValueError(f"{prepared.name}: the adapter is not prepared (scales folded, packed for the slots)")
+    blocks = [[b.layer, b.name, list(b.slices), list(b.out_features), list(b.ranks), b.rows, b.a_offset,
+               list(b.a_shape), b.bt_offset, list(b.bt_shape)] for b in pack.blocks]
+    data = memoryview(pack.buffer.numpy())
+    header = json.dumps({"format": FORMAT, "key": key, "dtype": _name(pack.dtype), "layout": pack.layout,
+                         "name": prepared.name, "source": prepared.source, "sha256": prepared.sha256,
+                         "config": prepared.config, "blocks": blocks, "data_bytes": data.nbytes,
+                         "xxh3_64": xxhash.xxh3_64_hexdigest(data)}, default=str).encode()
     head = MAGIC + struct.pack("<Q", len(header)) + header
     head += b"\0" * (_aligned(len(head)) - len(head))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,16 +69,17 @@ def write_image(path: Path, key: str, prepared: AdapterWeights) -> int:
     try:
         with open(tmp, "wb") as f:
             f.write(head)
-            for chunk in chunks:
-                f.write(chunk)
+            f.write(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(head) + offset
+    return len(head) + data.nbytes
 
 
-def read_image(path: Path, key: str, pin: bool = False) -> AdapterWeights:
-    """The prepared adapter of image `key` at `path`: every tensor a view of one buffer (pinned if `pin`)."""
+def read_image(path: Path, key: str) -> AdapterWeights:
+    """The packed adapter of image `key` at `path`: its pack's buffer read with one call, modules views of it.
+
+    Reads front to back with no seek, so a pipe or socket-backed file serves as well as a disk file."""
     try:
         with open(path, "rb") as f:
             fixed = f.read(len(MAGIC) + 8)
@@ -106,8 +92,10 @@ def read_image(path: Path, key: str, pin: bool = False) -> AdapterWeights:
             if header.get("format") != FORMAT or header.get("key") != key or header.get("dtype") not in _DTYPES:
                 raise ImageCorrupt(f"{path.name}: format, key or dtype is not the expected one")
             size = int(header["data_bytes"])
-            f.seek(_aligned(len(MAGIC) + 8 + header_len))
-            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            padding = _aligned(len(MAGIC) + 8 + header_len) - (len(MAGIC) + 8 + header_len)
+            if len(f.read(padding)) != padding:
+                raise ImageCorrupt(f"{path.name}: data is not {size} bytes")
+            buffer = torch.empty(size, dtype=torch.uint8)
             if f.readinto(memoryview(buffer.numpy())) != size or f.read(1):
                 raise ImageCorrupt(f"{path.name}: data is not {size} bytes")
     except FileNotFoundError:
@@ -116,13 +104,35 @@ def read_image(path: Path, key: str, pin: bool = False) -> AdapterWeights:
         raise ImageCorrupt(f"{path.name}: checksum mismatch")
     dtype = _DTYPES[header["dtype"]]
     try:
-        modules = {(int(layer), str(module)): ModuleLoRA(a=_view(buffer, a_off, a_shape, dtype),
-                                                         b=_view(buffer, b_off, b_shape, dtype), scale=1.0)
-                   for layer, module, a_off, a_shape, b_off, b_shape in header["modules"]}
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ImageCorrupt(f"{path.name}: module table does not fit its data ({exc})") from None
+        blocks = tuple(_block(entry, size, dtype) for entry in header["blocks"])
+        pack = SlotPack(buffer=buffer, dtype=dtype, layout=str(header["layout"]), blocks=blocks)
+        modules = pack.module_views()
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as exc:
+        raise ImageCorrupt(f"{path.name}: block table does not fit its data ({exc})") from None
     return AdapterWeights(name=header["name"], modules=modules, source=header["source"], sha256=header["sha256"],
-                          config=header["config"])
+                          config=header["config"], pack=pack)
+
+
+def _block(entry: list, size: int, dtype: torch.dtype) -> GroupBlock:
+    layer, name, slices, out_features, ranks, rows, a_offset, a_shape, bt_offset, bt_shape = entry
+    block = GroupBlock(int(layer), str(name), tuple(str(m) for m in slices), tuple(int(n) for n in out_features),
+                       tuple(int(r) for r in ranks), int(rows), int(a_offset), tuple(int(d) for d in a_shape),
+                       int(bt_offset), tuple(int(d) for d in bt_shape))
+    element = torch.empty((), dtype=dtype).element_size()
+    for offset, shape in ((block.a_offset, block.a_shape), (block.bt_offset, block.bt_shape)):
+        nbytes = element
+        for d in shape:
+            if d < 0:
+                raise ValueError(f"shape {list(shape)}")
+            nbytes *= d
+        if offset < 0 or offset % ALIGN or offset + nbytes > size:
+            raise ValueError(f"block at {offset} of {nbytes} bytes, shape {list(shape)}")
+    if len(block.a_shape) != 3 or len(block.bt_shape) != 2 or block.a_shape[1] != block.rows \
+            or block.bt_shape[0] != block.rows or len(block.ranks) != block.a_shape[0] \
+            or max(block.ranks, default=0) != block.rows or len(block.slices) != len(block.ranks) \
+            or len(block.out_features) != len(block.ranks) or sum(block.out_features) != block.bt_shape[1]:
+        raise ValueError(f"block {block.layer}/{block.name}: shapes and ranks disagree")
+    return block
 
 
 def _header(raw: bytes, path: Path) -> dict:
@@ -133,16 +143,6 @@ def _header(raw: bytes, path: Path) -> dict:
     if not isinstance(header, dict):
         raise ImageCorrupt(f"{path.name}: header is not an object")
     return header
-
-
-def _view(buffer: torch.Tensor, offset: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if offset < 0 or offset % ALIGN or offset + nbytes > buffer.numel() or len(shape) != 2:
-        raise ValueError(f"tensor at {offset} of {nbytes} bytes, shape {shape}")
-    return buffer[offset:offset + nbytes].view(dtype).view(*[int(d) for d in shape])
 
 
 def _aligned(n: int) -> int:
@@ -158,8 +158,8 @@ class PreparedImages:
 
     Failing to write an image (a full disk, say) costs only speed: the registered folder still serves."""
 
-    def __init__(self, folder: Path, pin: bool):
-        self.folder, self.pin = Path(folder), pin
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.img"
@@ -177,7 +177,7 @@ class PreparedImages:
             return False
 
     def load(self, key: str) -> AdapterWeights:
-        return read_image(self.path(key), key, pin=self.pin)
+        return read_image(self.path(key), key)
 
     def remove(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)

@@ -26,6 +26,73 @@ class ModuleLoRA:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupBlock:
+    """One projection group's rows of an adapter in a SlotPack (byte offsets into its buffer).
+
+    a: [J, rows, K_in] at a_offset, bt: [rows, N_total] at bt_offset: exactly the shape of the group's pool
+    rows for one slot, so a slot fill is one copy per pool. Slices with rank < rows (or 0) leave rows
+    unused: kernels read only rank rows."""
+
+    layer: int
+    name: str
+    slices: tuple[str, ...]
+    """The group's modules in output-column order (q_proj, k_proj, v_proj)."""
+    out_features: tuple[int, ...]
+    """Columns of each slice in bt (N_j; they sum to N_total)."""
+    ranks: tuple[int, ...]
+    """Rank of each slice of the group (0: not adapted)."""
+    rows: int
+    """max(ranks): the pool rows one slot's fill writes."""
+    a_offset: int
+    a_shape: tuple[int, int, int]
+    bt_offset: int
+    bt_shape: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotPack:
+    """A prepared adapter laid out as the device pools want it: every group's A and B^T blocks in one buffer."""
+
+    buffer: torch.Tensor
+    """uint8 [num_bytes], on the CPU; each block 64-byte aligned."""
+    dtype: torch.dtype
+    layout: str
+    """Which group shapes the blocks follow (a hash of them): a pack fits only pools of that layout."""
+    blocks: tuple[GroupBlock, ...]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.buffer.numel()
+
+    def a_view(self, block: GroupBlock, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """block's A rows [J, rows, K_in], a view of `buffer` (default: this pack's; any copy of it works)."""
+        return _typed_view(self.buffer if buffer is None else buffer, block.a_offset, block.a_shape, self.dtype)
+
+    def bt_view(self, block: GroupBlock, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return _typed_view(self.buffer if buffer is None else buffer, block.bt_offset, block.bt_shape, self.dtype)
+
+    def module_views(self) -> dict[tuple[int, str], ModuleLoRA]:
+        """(layer, module) -> A [r, in] and B [out, r] (a transposed view) of every adapted slice, in the buffer."""
+        modules = {}
+        for block in self.blocks:
+            a, bt = self.a_view(block), self.bt_view(block)
+            n0 = 0
+            for j, (module, rank, n) in enumerate(zip(block.slices, block.ranks, block.out_features)):
+                if rank:
+                    modules[(block.layer, module)] = ModuleLoRA(a=a[j, :rank], b=bt[:rank, n0:n0 + n].t(), scale=1.0)
+                n0 += n
+        return modules
+
+
+def _typed_view(buffer: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    return buffer[offset:offset + nbytes].view(dtype).view(*shape)
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterWeights:
     """An adapter that passed validation against the base: nothing else reaches a slot."""
 
@@ -38,6 +105,8 @@ class AdapterWeights:
     """Of adapter_model.safetensors (derived adapters: the content key)."""
     config: dict = field(default_factory=dict)
     """adapter_config.json as read (derived adapters: the mix recipe)."""
+    pack: SlotPack | None = None
+    """The slot layout of the weights (host tier copies have one; `modules` are then views of its buffer)."""
 
     @property
     def rank(self) -> int:
@@ -50,6 +119,9 @@ class AdapterWeights:
 
     @property
     def num_bytes(self) -> int:
+        """Bytes held: the pack's buffer when packed (with its unused rows), else the modules' tensors."""
+        if self.pack is not None:
+            return self.pack.num_bytes
         return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
                    for m in self.modules.values())
 

@@ -3,8 +3,9 @@
 Registration validates a PEFT folder once (on the caller's thread), writes its prepared image (which host
 misses read whole, see adapters/prepared_image.py) and puts the prepared copy in the host tier; requests
 resolve their adapter choice into `AdapterNeed`s here; admission asks whether a
-sequence's adapters are host-ready and takes device slots for them. Slot writes happen on the engine
-thread only (`on_engine_thread`), so a running step never sees a slot change under it.
+sequence's adapters are host-ready, takes device slots for them, and admits the sequence once their fills
+have landed (`fills_landed`: on a GPU the copy runs on a side stream while the batch keeps decoding). Slot
+changes are made on the engine thread only (`on_engine_thread`), so a running step never sees one under it.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from ..adapters.mix_cache import DerivedAdapterCache
 from ..adapters.prepared_image import ImageCorrupt, PreparedImages, image_key
 from ..adapters.types import AdapterWeights, check_fits
 from ..config import LoRAConfig
+from ..lora.slot_filler import SlotFiller
+from ..lora.slot_pack import layout_id
 from ..lora.stacks import LoraStacks
 from ..errors import FailedPrecondition, InvalidAdapter, LoraplexError, ResourceExhausted
 from ..model.arch import ModelArch
@@ -40,10 +43,12 @@ class AdapterManager:
                  call_on_engine_thread: Callable[[Callable[[], None]], None]):
         self.config, self.arch, self.device = config, arch, device
         self.catalog = AdapterCatalog()
-        self.cache = AdapterCache(lora_stacks, config.max_cpu_loras, dtype, pin_memory=device.type == "cuda",
+        self.filler = SlotFiller(lora_stacks, config.staging_bytes)
+        self.cache = AdapterCache(lora_stacks, self.filler, config.max_cpu_loras, dtype,
                                   max_host_bytes=config.max_cpu_lora_bytes)
         self.derived = DerivedAdapterCache(max_entries=2, folder=derived_folder)
-        self.images = PreparedImages(images_folder, pin=device.type == "cuda")
+        self.images = PreparedImages(images_folder)
+        self._layout = layout_id(lora_stacks.shapes)
         """Each registered version's prepared form, read whole on a host-tier miss (adapters/prepared_image.py)."""
         self._image_keys: dict[str, str] = {}
         """Cache key (name@version) -> its image's content key."""
@@ -77,7 +82,7 @@ class AdapterManager:
             registered_at=time.time() if registered_at is None else float(registered_at)), version=version)
         prepared = self.cache.prepare(weights)
         if weights.sha256:  # a registered file (built-in-process adapters have no folder to rebuild from)
-            key = image_key(weights.sha256, weights.config, self.cache.dtype)
+            key = image_key(weights.sha256, weights.config, self.cache.dtype, self._layout)
             if self.images.save(key, prepared):
                 self._image_keys[entry.key] = key
         self.cache.put_host(entry.key, prepared)
@@ -105,7 +110,8 @@ class AdapterManager:
         try:
             if self.cache.host_get(entry.key) is None:
                 self.cache.put_host(entry.key, self.cache.prepare(self.disk_loader(entry)()))
-            self._run(lambda: self._pin(entry.key), 60.0)  # in its slot when this returns
+            self._run(lambda: self._pin(entry.key), 60.0)
+            self._wait_landed(entry.key, 60.0)  # in its slot when this returns
         finally:
             self.cache.unwant([entry.key])
         return entry
@@ -123,6 +129,7 @@ class AdapterManager:
                 if slots is not None:
                     self.cache.release(slots)
         self._run(to_slot, timeout)
+        self._wait_landed(entry.key, timeout)
         return entry
 
     def unload(self, name: str, timeout: float = 60.0) -> AdapterEntry:
@@ -134,6 +141,12 @@ class AdapterManager:
             raise FailedPrecondition(f"adapter {name!r} is in use by running requests; retry when they finish",
                                      field="name")
         return entry
+
+    def _wait_landed(self, key: str, timeout: float) -> None:
+        """Caller's thread (never the engine's): wait until `key`'s slot fill, if one runs, has landed."""
+        deadline = time.monotonic() + timeout
+        while not self._run(lambda: self.cache.fill_landed(key), timeout) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _pin(self, key: str) -> None:
         if self.cache.host_get(key) is None or self.cache.pin(key) is None:
@@ -231,6 +244,14 @@ class AdapterManager:
                 f"the request needs {len(set(keys))} adapter slots but other adapters' pins leave "
                 f"{possible}; unpin some or raise max_loras", field="adapters")
         return self.cache.acquire(keys)
+
+    def fills_landed(self, seq: Sequence) -> bool:
+        """True once every slot `seq` holds reads as its adapter (never waits: queries the fills' events)."""
+        return self.cache.fills_landed(seq.slots or [])
+
+    def poll_fills(self) -> None:
+        """Between steps: publish slot fills that landed."""
+        self.cache.poll_fills()
 
     def release(self, seq: Sequence) -> None:
         """Give back `seq`'s slots and host-tier claims (finish, cancel, error)."""

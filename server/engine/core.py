@@ -1,8 +1,9 @@
 """EngineCore: the step loop, admission and the bounded queue. One thread owns the model.
 
     submit -> validate, tokenize, resolve adapters -> incoming queue (bounded)
-    step   -> control ops (pin, delete) -> cancellations and deadlines -> schedule (admission:
-              adapters host-ready, KV blocks, adapter slots) -> launch forward + sample
+    step   -> control ops (pin, delete) -> cancellations and deadlines -> slot fills that landed -> schedule
+              (admission: adapters host-ready, KV blocks, adapter slots, their fills landed) -> launch forward
+              + sample
            -> meanwhile, the previous step's tokens: detokenize, stops, emit (OutputProcessor)
 
 Overlapped steps: on a GPU the forward of step n+1 is launched before step n's tokens are read
@@ -10,6 +11,10 @@ back, so the host work of one step (output processing, the next inputs) hides be
 work of the other. A sequence whose token is still on the device decodes it from the device
 buffer (the runner gathers it); one that turns out to have ended wastes one row, whose token is
 dropped. Repetition penalties need every token on the host, so such batches run in lockstep.
+
+Slot fills: a sequence whose adapter needs a device slot takes the slot (and starts its fill) when first
+considered, then waits in the queue, holding it, until the fill's event has fired; the running batch keeps
+stepping meanwhile. Its KV blocks are reserved only when it is admitted.
 """
 from __future__ import annotations
 
@@ -183,6 +188,7 @@ class EngineCore:
         self._run_control()
         self._take_incoming()
         self._reap_cancelled()
+        self.adapters.poll_fills()
         if self._in_flight is not None and not self._may_overlap():
             self._complete_in_flight()
         batch = self.scheduler.schedule(self._try_admit)
@@ -270,14 +276,17 @@ class EngineCore:
             return Admission.SKIP
         if not self.block_manager.can_reserve(seq.budget_tokens):
             return Admission.BLOCK
-        slots = self.adapters.acquire_slots(seq)
-        if isinstance(slots, Exception):
-            self._finish(Finished(seq, StopReason.ERROR, error=slots))
-            return Admission.DROPPED
-        if slots is None:
-            return Admission.BLOCK
+        if seq.slots is None:
+            slots = self.adapters.acquire_slots(seq)
+            if isinstance(slots, Exception):
+                self._finish(Finished(seq, StopReason.ERROR, error=slots))
+                return Admission.DROPPED
+            if slots is None:
+                return Admission.BLOCK
+            seq.slots = slots  # held while the fills land (released on finish or cancel)
+        if not self.adapters.fills_landed(seq):
+            return Admission.SKIP  # the batch keeps stepping; later sequences may be admitted meanwhile
         self.block_manager.reserve(seq.seq_id, seq.budget_tokens)
-        seq.slots = slots
         return Admission.ADMITTED
 
     def _finish(self, done: Finished) -> None:

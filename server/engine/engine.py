@@ -71,7 +71,7 @@ class Engine:
                                self.limits, overlap_steps=self.device.type == "cuda" if overlap is None else overlap)
         self.runner.prepare(model_len)
         log.info("engine ready: %d KV blocks of %d tokens, %d adapter slots of rank %d, max_model_len %d",
-                 num_blocks, block_size, lora.max_loras, lora.max_lora_rank, model_len)
+                 num_blocks, block_size, self.runner.num_slots, lora.max_lora_rank, model_len)
 
     def _fit_num_blocks(self, reserved_bytes: int = 0) -> int:
         """KV blocks that fit what memory is left (config.cache.num_blocks wins when set)."""
@@ -171,6 +171,11 @@ class Engine:
     @property
     def generated_tokens_total(self) -> int:
         return self.core.generated_tokens_total
+
+    @property
+    def num_adapter_slots(self) -> int:
+        """Device adapter slots (config.lora.max_loras, or what "auto" resolved to)."""
+        return self.runner.num_slots
 
     # ---- gauges ----
     def queue_depth(self) -> int:

@@ -14,6 +14,7 @@ import torch
 from torch.profiler import record_function
 
 from ..config import EngineConfig
+from ..lora.slot_budget import CPU_SLOTS, log_auto_slots, slots_that_fit
 from ..lora.stacks import LoraStacks
 from ..model.llama import CausalLM
 from .graphs import DecodeGraphs
@@ -60,14 +61,41 @@ class ModelRunner:
     def __init__(self, model: CausalLM, config: EngineConfig, fit_num_blocks: Callable[[int], int]):
         self.model, self.config = model, config
         self.device, self.dtype = model.device, model.dtype
-        lora = config.lora
-        self.lora_stacks = LoraStacks(model.group_shapes(), lora.max_loras, lora.max_lora_rank, self.dtype,
-                                      self.device)
         self.block_size = config.cache.block_size
-        self.num_kv_blocks = fit_num_blocks(0)
-        self.kv_caches = allocate_kv_cache(model.arch, self.num_kv_blocks, self.block_size, self.dtype, self.device)
+        if config.lora.max_loras == "auto":  # the KV cache first, then as many slots as the rest holds
+            self._allocate_kv(fit_num_blocks)
+            self.lora_stacks = self._stacks(self._auto_num_slots())
+        else:  # the slots first, the KV cache fits what is left
+            self.lora_stacks = self._stacks(config.lora.max_loras)
+            self._allocate_kv(fit_num_blocks)
         self.inputs: StepInputBuilder | None = None
         self.graphs: DecodeGraphs | None = None
+
+    def _stacks(self, num_slots: int) -> LoraStacks:
+        return LoraStacks(self.model.group_shapes(), num_slots, self.config.lora.max_lora_rank, self.dtype,
+                          self.device)
+
+    def _allocate_kv(self, fit_num_blocks: Callable[[int], int]) -> None:
+        self.num_kv_blocks = fit_num_blocks(0)
+        self.kv_caches = allocate_kv_cache(self.model.arch, self.num_kv_blocks, self.block_size, self.dtype,
+                                           self.device)
+
+    def _auto_num_slots(self) -> int:
+        """--max-loras auto: slots for the GPU memory left after the model and KV cache, less the margin."""
+        lora = self.config.lora
+        if self.device.type != "cuda":
+            return max(min(CPU_SLOTS, lora.max_cpu_loras), lora.max_adapters_per_request)
+        per_slot = self._stacks(1).bytes_per_slot
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached
+        slots = slots_that_fit(free, per_slot, lora.slot_memory_margin, lora.max_adapters_per_request,
+                               lora.max_cpu_loras)
+        log_auto_slots(slots, free, per_slot, lora.slot_memory_margin, lora.max_cpu_loras)
+        return slots
+
+    @property
+    def num_slots(self) -> int:
+        return self.lora_stacks.num_slots
 
     def prepare(self, max_model_len: int) -> None:
         """Size the step buffers for `max_model_len`; decode graphs (captured lazily per batch bucket) on a GPU."""

@@ -10,7 +10,10 @@ def prepare_for_device(adapter: AdapterWeights, dtype: torch.dtype, pin: bool) -
     """Fold each module's scale into B (in fp32), cast to the compute dtype, pin for async copies.
 
     Done once when an adapter enters the host tier, so a slot write is plain copies. Weights already in
-    that form (read from a prepared image) are returned as they are: no copy, no second pin."""
+    that form (read from a prepared image, or packed for the slots) are returned as they are: no copy, no
+    second pin."""
+    if adapter.pack is not None and adapter.pack.dtype == dtype and not pin:
+        return adapter
     if all(_prepared(m, dtype, pin) for m in adapter.modules.values()):
         return adapter
     modules = {}

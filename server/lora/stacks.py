@@ -14,48 +14,15 @@ Kernels read only rows [row_start, row_start + rank): rows beyond a slot's rank 
 """
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..adapters.types import AdapterWeights
-from ..errors import AdapterMismatch
-
-GROUP_SLICES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-                "down": ("down_proj",)}
-"""The fused projection groups of a Llama-family layer, in layer order, and the modules they fuse."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectionGroupShape:
-    layer: int
-    name: str
-    """qkv, o, gate_up or down (any name works; GROUP_SLICES lists the Llama ones)."""
-    slices: tuple[str, ...]
-    """Module names fused in this group, in output-column order, e.g. ('q_proj', 'k_proj', 'v_proj')."""
-    in_features: int
-    out_features: tuple[int, ...]
-    """N_j of each slice; the fused output has sum(out_features) columns."""
-
-    @property
-    def slice_offsets(self) -> tuple[int, ...]:
-        """n0_j: first fused-output column of each slice."""
-        return tuple(itertools.accumulate(self.out_features[:-1], initial=0))
-
-
-def llama_group_shapes(arch) -> list[ProjectionGroupShape]:
-    """qkv, o, gate_up and down of every layer of a Llama-family `ModelArch`."""
-    shapes = []
-    for layer in range(arch.num_layers):
-        for name, slices in GROUP_SLICES.items():
-            in_features = arch.linear_shape(slices[0])[0]
-            shapes.append(ProjectionGroupShape(layer, name, slices, in_features,
-                                               tuple(arch.linear_shape(m)[1] for m in slices)))
-    return shapes
-
+from ..adapters.types import AdapterWeights, SlotPack
+from .group_shapes import GROUP_SLICES, ProjectionGroupShape, llama_group_shapes  # noqa: F401 (re-exported)
+from .slot_pack import pack_adapter
 
 @dataclass(eq=False)
 class LoraGroupStacks:
@@ -138,40 +105,55 @@ class LoraStacks:
     def group(self, layer: int, name: str) -> LoraGroupStacks:
         return self.groups[(layer, name)]
 
-    def write(self, slot: int, adapter: AdapterWeights) -> None:
-        """Copy a prepared adapter (scale folded into b: prepare.prepare_for_device) into `slot` of every group.
+    @property
+    def shapes(self) -> list[ProjectionGroupShape]:
+        return [g.shape for g in self.groups.values()]
 
-        Host tensors should be pinned for the copies to be asynchronous. Slices the adapter lacks get rank 0."""
-        assert 0 <= slot < self.num_slots, f"slot {slot} outside 0..{self.num_slots - 1}"
-        per_group: dict[tuple[int, str], list[int]] = {key: [0] * g.num_slices for key, g in self.groups.items()}
-        for (layer, module), m in adapter.modules.items():
-            where = self._slice_of.get((layer, module))
-            if where is None:
-                raise AdapterMismatch(f"adapter {adapter.name!r}: {module} of layer {layer} is in no projection group")
-            key, j = where
-            g = self.groups[key]
-            n_out, n_in = g.shape.out_features[j], g.shape.in_features
-            if m.rank > self.max_rank:
-                raise AdapterMismatch(f"adapter {adapter.name!r}: {module} of layer {layer} has rank {m.rank}, "
-                                      f"above the slot rank {self.max_rank}")
-            if m.a.shape != (m.rank, n_in) or m.b.shape != (n_out, m.rank):
-                raise AdapterMismatch(f"adapter {adapter.name!r}: {module} of layer {layer} has A {list(m.a.shape)}, "
-                                      f"B {list(m.b.shape)}; the group needs A [r, {n_in}], B [{n_out}, r]")
-            assert m.scale == 1.0, "write() takes prepared adapters (scale folded into b)"
-            per_group[key][j] = m.rank
-        for key, g in self.groups.items():
-            g.set_rank(slot, [0] * g.num_slices)  # the old adapter stops being read before its rows change
+    def write(self, slot: int, adapter: AdapterWeights) -> None:
+        """Copy a prepared adapter (scale folded into b: prepare.prepare_for_device) into `slot`, synchronously
+        ordered on the current stream: fill then publish. Slices the adapter lacks get rank 0."""
+        packed = pack_adapter(adapter, self.shapes, self.max_rank)
+        self.clear(slot)  # the old adapter stops being read before its rows change
+        self.fill(slot, packed.pack)
+        self.publish(slot, packed.pack)
+
+    def fill(self, slot: int, pack: SlotPack, source: torch.Tensor | None = None) -> None:
+        """Copy a pack's rows into `slot` of its groups: one copy per pool, on the current stream.
+
+        `source`: a buffer holding the pack's bytes (a pinned staging copy; default the pack's own buffer).
+        Ranks are left alone: the slot must not be read (rank 0) until `publish`."""
+        self.check_pack(slot, pack)
+        for block in pack.blocks:
+            g = self.groups[(block.layer, block.name)]
             row0 = int(g.host_row_start[slot])
-            for j, module in enumerate(g.shape.slices):
-                m = adapter.modules.get((key[0], module))
-                if m is None:
-                    continue
-                r, n0, n = m.rank, g.slice_offsets[j], g.shape.out_features[j]
-                g.a_pool[j, row0:row0 + r].copy_(m.a, non_blocking=True)
-                g.bt_pool[row0:row0 + r, n0:n0 + n].t().copy_(m.b, non_blocking=True)
-            g.set_rank(slot, per_group[key])
-        self._targets[slot] = frozenset(adapter.modules)
-        self.slot_max_rank[slot] = max((r for ranks in per_group.values() for r in ranks), default=0)
+            g.a_pool[:, row0:row0 + block.rows].copy_(pack.a_view(block, source), non_blocking=True)
+            g.bt_pool[row0:row0 + block.rows].copy_(pack.bt_view(block, source), non_blocking=True)
+
+    def publish(self, slot: int, pack: SlotPack) -> None:
+        """Make `slot` read as the pack's adapter (its rows must have landed): ranks, targets, max rank."""
+        per_group = {block_key: block.ranks for block in pack.blocks
+                     for block_key in [(block.layer, block.name)]}
+        for key, g in self.groups.items():
+            g.set_rank(slot, per_group.get(key, [0] * g.num_slices))
+        self._targets[slot] = frozenset((block.layer, module) for block in pack.blocks
+                                        for module, r in zip(self.groups[(block.layer, block.name)].shape.slices,
+                                                             block.ranks) if r)
+        self.slot_max_rank[slot] = max((block.rows for block in pack.blocks), default=0)
+
+    def check_pack(self, slot: int, pack: SlotPack) -> None:
+        assert 0 <= slot < self.num_slots, f"slot {slot} outside 0..{self.num_slots - 1}"
+        assert pack.dtype == self.dtype, f"pack of {pack.dtype} for pools of {self.dtype}"
+        for block in pack.blocks:
+            g = self.groups.get((block.layer, block.name))
+            assert g is not None and block.rows <= self.max_rank, f"pack block {block.layer}/{block.name} fits no pool"
+            assert block.a_shape == (g.num_slices, block.rows, g.shape.in_features), "pack for another layout"
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Device bytes one more slot costs (every group's A and B^T rows at max_rank, plus rank entries)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return sum(self.max_rank * (g.num_slices * g.shape.in_features + sum(g.shape.out_features)) * element
+                   + g.num_slices * 4 for g in self.groups.values())
 
     def clear(self, slot: int) -> None:
         """Slot `slot` adapts nothing any more (weights stay; kernels read only `rank` rows)."""

@@ -122,13 +122,18 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+WHERE = {"DEVICE": "device", "HOST": "host", "LOADING": "loading", "REGISTERED": "disk"}
+"""Where an adapter lives now, by AdapterInfo.state: a device slot, host memory, or only its files on disk
+(LOADING: on its way from disk to host memory)."""
+
+
 def run_adapters(args: argparse.Namespace) -> int:
     with _client(args, "LORAPLEX_ADMIN_TOKEN") as client:
         if args.action == "list":
-            print(f"{'NAME':24} {'VER':>4} {'STATE':10} {'PIN':3} {'RANK':>4} {'REQUESTS':>8}  SOURCE")
+            print(f"{'NAME':24} {'VER':>4} {'STATE':10} {'WHERE':7} {'PIN':3} {'RANK':>4} {'REQUESTS':>8}  SOURCE")
             for info in client.list_adapters():
-                print(f"{info.name:24} {info.version:>4} {info.state:10} {'yes' if info.pinned else '':3} "
-                      f"{info.rank:>4} {info.request_count:>8}  {info.source}")
+                print(f"{info.name:24} {info.version:>4} {info.state:10} {WHERE.get(info.state, '?'):7} "
+                      f"{'yes' if info.pinned else '':3} {info.rank:>4} {info.request_count:>8}  {info.source}")
             return 0
         if args.action == "register":
             info = client.register_adapter(args.name, _server_path(args.path), pin=args.pin, preload=args.preload)

@@ -72,7 +72,13 @@ def add_serve_parser(sub) -> None:
     add("--request-workers", type=int, default=2, help="threads that validate and tokenize requests")
     add("--max-pending-requests", type=int, default=256,
         help="requests waiting for a worker thread; beyond it RESOURCE_EXHAUSTED")
-    add("--max-loras", type=int, default=8, help="adapter slots on the device (distinct adapters per step)")
+    add("--max-loras", type=_slot_count, default=8,
+        help="adapter slots on the device (distinct adapters per step), or 'auto': as many as fit the GPU memory "
+             "left after the model and KV cache, less --slot-memory-margin (at most --max-cpu-loras; 8 on the CPU)")
+    add("--slot-memory-margin", type=int, default=4 << 30,
+        help="with --max-loras auto: GPU bytes kept free for activations and CUDA graphs")
+    add("--lora-staging-bytes", type=int, default=256 << 20,
+        help="pinned host buffers that slot fills copy through on a GPU (reused; at least one slot's bytes)")
     add("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     add("--max-cpu-loras", type=int, default=64, help="validated adapters kept in host memory")
     add("--max-cpu-lora-bytes", type=int, help="and at most this many bytes of them (default: no byte bound)")
@@ -116,7 +122,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
                           max_model_len=args.max_model_len),
         lora=LoRAConfig(max_lora_rank=args.max_lora_rank, max_loras=max_loras, max_cpu_loras=args.max_cpu_loras,
                         max_cpu_lora_bytes=args.max_cpu_lora_bytes,
-                        max_adapters_per_request=min(args.max_adapters_per_request, max_loras),
+                        max_adapters_per_request=(args.max_adapters_per_request if max_loras == "auto" else
+                                                  min(args.max_adapters_per_request, max_loras)),
+                        slot_memory_margin=args.slot_memory_margin, staging_bytes=args.lora_staging_bytes,
                         derived_rank=min(64, args.max_lora_rank)),
         cache=CacheConfig(cpu_cache_bytes=args.kv_cache_bytes),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -125,6 +133,16 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, EngineCo
                                   long_prefill_token_threshold=args.long_prefill_token_threshold),
         cache_dir=args.cache_dir)
     return service, engine
+
+
+def _slot_count(text: str) -> int | str:
+    """--max-loras: a positive count or 'auto'."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of slots or 'auto'") from None
 
 
 def _shared_dir(given: str | None) -> str:

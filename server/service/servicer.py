@@ -79,7 +79,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         lora = engine.config.lora
         return gpb.ModelInfoResponse(
             base_model=engine.loaded.model_id, quantization=engine.loaded.quantization,
-            max_context=engine.limits.max_model_len, max_lora_rank=lora.max_lora_rank, adapter_slots=lora.max_loras,
+            max_context=engine.limits.max_model_len, max_lora_rank=lora.max_lora_rank,
+            adapter_slots=engine.num_adapter_slots,
             device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
             max_new_tokens_limit=engine.limits.max_new_tokens_limit,
             max_adapters_per_request=lora.max_adapters_per_request, host_adapter_slots=lora.max_cpu_loras,
