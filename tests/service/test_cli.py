@@ -138,6 +138,27 @@ def test_client_commands_against_a_server(server, adapter_root, capsys, monkeypa
     assert code == 2 and "missing adapter_config.json" in err and len(err.splitlines()) == 1
 
 
+def test_adapters_list_shows_where_each_adapter_lives(server, adapter_root, capsys, monkeypatch):
+    """WHERE: host memory after registration, a device slot after `load`, only the registered files on disk
+    after `unload`; the column follows AdapterInfo.state."""
+    target = ["--server", server.target]
+    monkeypatch.setenv("LORAPLEX_ADMIN_TOKEN", "cli-admin")
+
+    def where(name: str) -> tuple[str, str]:
+        code, out, _ = run_cli(capsys, "adapters", "list", *target)
+        assert code == 0 and out.splitlines()[0].split()[:4] == ["NAME", "VER", "STATE", "WHERE"]
+        [row] = [line.split() for line in out.splitlines()[1:] if line.split()[0] == name]
+        return row[2], row[3]
+
+    assert run_cli(capsys, "adapters", "register", "tiers", str(adapter_root / "pirate_soft"), *target)[0] == 0
+    assert where("tiers") == ("HOST", "host")  # validated and prepared at registration
+    assert run_cli(capsys, "adapters", "load", "tiers", *target)[0] == 0
+    assert where("tiers") == ("DEVICE", "device")
+    assert run_cli(capsys, "adapters", "unload", "tiers", *target)[0] == 0
+    assert where("tiers") == ("REGISTERED", "disk")
+    assert run_cli(capsys, "adapters", "delete", "tiers", *target)[0] == 0
+
+
 @pytest.mark.parametrize("argv, code, words", [
     (["adapters", "list", "--server", "127.0.0.1:{port}", "--timeout", "5"], 1, "UNAVAILABLE"),
     (["serve", "--tls-cert", "server.pem", "--no-metrics", "--quantization", "none"], 2, "tls_cert and tls_key"),
