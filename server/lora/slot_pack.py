@@ -29,9 +29,13 @@ def layout_id(shapes: Sequence[ProjectionGroupShape]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def pack_adapter(adapter: AdapterWeights, shapes: Sequence[ProjectionGroupShape], max_rank: int) -> AdapterWeights:
-    """`adapter` (prepared: scales 1.0, one dtype) with a SlotPack for pools of `shapes`; modules become views."""
-    dtype = next(iter(adapter.modules.values())).a.dtype
+def pack_adapter(adapter: AdapterWeights, shapes: Sequence[ProjectionGroupShape], max_rank: int,
+                 dtype: torch.dtype | None = None) -> AdapterWeights:
+    """`adapter` (prepared: scales 1.0, one dtype) with a SlotPack for pools of `shapes`; modules become views.
+
+    `dtype`: the pack's, when the adapter has no module to take it from (an adapter adapting nothing)."""
+    dtype = next(iter(adapter.modules.values())).a.dtype if adapter.modules else dtype
+    assert dtype is not None, "an adapter with no module needs the pack's dtype"
     layout = layout_id(shapes)
     if adapter.pack is not None and adapter.pack.layout == layout and adapter.pack.dtype == dtype:
         return adapter

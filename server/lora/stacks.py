@@ -112,7 +112,7 @@ class LoraStacks:
     def write(self, slot: int, adapter: AdapterWeights) -> None:
         """Copy a prepared adapter (scale folded into b: prepare.prepare_for_device) into `slot`, synchronously
         ordered on the current stream: fill then publish. Slices the adapter lacks get rank 0."""
-        packed = pack_adapter(adapter, self.shapes, self.max_rank)
+        packed = pack_adapter(adapter, self.shapes, self.max_rank, self.dtype)
         self.clear(slot)  # the old adapter stops being read before its rows change
         self.fill(slot, packed.pack)
         self.publish(slot, packed.pack)
