@@ -69,6 +69,10 @@ class LoRAConfig:
     """Most adapters one weighted mix may name."""
     staging_bytes: int = 256 * 1024 * 1024
     """Pinned host buffers for slot fills on a GPU, reused by every fill (raised to one slot's bytes if less)."""
+    staged_fills: bool | None = None
+    """Fill slots through the staging pool and its worker thread (None: on a GPU only). True on the CPU runs the
+    GPU's admission path (fills land a step or more after they start, at most staging_bytes of them at a time)
+    with plain copies: tests and CPU benchmarks of the fill path."""
     derived_rank: int = 64
     """TIES/DARE mixes are compressed back to at most this rank by SVD."""
 

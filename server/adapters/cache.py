@@ -289,12 +289,13 @@ class AdapterCache:
         """Start filling `slot` with `key`; False (nothing changed) while no staging buffer is free."""
         adapter = self.host_get(key)
         assert adapter is not None and adapter.pack is not None, f"{key} is not in the host tier"
+        if not self.filler.has_room(adapter.pack.num_bytes):  # before evicting: a failed install changes nothing
+            self.stats.staging_waits += 1
+            return False
         if self._slots[slot].key is not None:
             self._evict(slot)  # ranks to 0 for later steps; the fill waits for the steps already queued
         ticket = self.filler.start(slot, adapter.pack)
-        if ticket is None:
-            self.stats.staging_waits += 1
-            return False
+        assert ticket is not None, "the staging pool had room a moment ago (the engine thread is its only taker)"
         self._slots[slot] = _Slot(key=key, last_used=time.monotonic(), targets=adapter.target_modules, fill=ticket)
         self._slot_of[key] = slot
         self.stats.installs += 1

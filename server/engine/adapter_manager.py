@@ -43,7 +43,7 @@ class AdapterManager:
                  call_on_engine_thread: Callable[[Callable[[], None]], None]):
         self.config, self.arch, self.device = config, arch, device
         self.catalog = AdapterCatalog()
-        self.filler = SlotFiller(lora_stacks, config.staging_bytes)
+        self.filler = SlotFiller(lora_stacks, config.staging_bytes, staged=config.staged_fills)
         self.cache = AdapterCache(lora_stacks, self.filler, config.max_cpu_loras, dtype,
                                   max_host_bytes=config.max_cpu_lora_bytes)
         self.derived = DerivedAdapterCache(max_entries=2, folder=derived_folder)
@@ -252,6 +252,11 @@ class AdapterManager:
     def poll_fills(self) -> None:
         """Between steps: publish slot fills that landed."""
         self.cache.poll_fills()
+
+    def wait_fill_copy(self) -> bool:
+        """Engine thread, nothing in flight: block until one queued slot-fill copy has landed (GIL released);
+        False at once when none is running."""
+        return self.filler.wait_copy()
 
     def release(self, seq: Sequence) -> None:
         """Give back `seq`'s slots and host-tier claims (finish, cancel, error)."""

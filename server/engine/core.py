@@ -68,6 +68,7 @@ class EngineCore:
         self._incoming: collections.deque[Sequence] = collections.deque()
         self._control: collections.deque = collections.deque()
         self._wakeup = threading.Event()
+        adapters.filler.on_staged = self._wakeup.set  # a staged fill wakes an idle engine (see wait_for_work)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._accepting = True
@@ -142,6 +143,13 @@ class EngineCore:
         return bool(self._incoming or self.scheduler.has_work() or self._in_flight is not None)
 
     def wait_for_work(self, timeout: float) -> None:
+        """After a step that found nothing to run: sleep (GIL released) until a request, a control operation or a
+        slot fill can make progress, at most `timeout` s. A caller stepping in a loop must call this rather than
+        spin: a spinning engine thread starves the fills' staging thread of the GIL. Fills still staging set the
+        wake-up event when their host copy is done (SlotFiller.on_staged); a fill whose device copy is queued is
+        waited for on its event (nothing is in flight then, so no step is held up)."""
+        if self._in_flight is None and not self._wakeup.is_set() and self.adapters.wait_fill_copy():
+            return  # a fill landed: the next step publishes it and admits its sequences
         self._wakeup.wait(timeout)
         self._wakeup.clear()
 

@@ -139,6 +139,11 @@ class Engine:
     def step(self) -> bool:
         return self.core.step()
 
+    def wait_for_work(self, timeout: float = 0.005) -> None:
+        """After step() returned False (nothing runnable): sleep until something can move, at most `timeout` s.
+        A loop stepping the engine inline must call this instead of spinning (see EngineCore.wait_for_work)."""
+        self.core.wait_for_work(timeout)
+
     def run_on_engine_thread(self, fn: Callable, timeout: float = 60.0):
         return self.core.run_on_engine_thread(fn, timeout)
 

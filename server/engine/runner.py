@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
+from ..buckets import batch_bucket
 from ..config import EngineConfig
 from ..lora.slot_budget import CPU_SLOTS, log_auto_slots, slots_that_fit
 from ..lora.stacks import LoraStacks
@@ -70,6 +71,10 @@ class ModelRunner:
             self._allocate_kv(fit_num_blocks)
         self.inputs: StepInputBuilder | None = None
         self.graphs: DecodeGraphs | None = None
+        self.step_shapes: set[tuple[str, int, str]] = set()
+        """Every step shape launched so far: ('decode', batch bucket, LoRA kind) or ('prefill', token bucket, LoRA
+        kind). A shape's first step pays the kernels' compiles and, on a GPU, its decode graph's capture: a
+        benchmark's warm-up must have run every shape its timed batch runs (bench.serving checks it)."""
 
     def _stacks(self, num_slots: int) -> LoraStacks:
         return LoraStacks(self.model.group_shapes(), num_slots, self.config.lora.max_lora_rank, self.dtype,
@@ -112,6 +117,10 @@ class ModelRunner:
             pad_to = self.graphs.bucket_for(len(batch))
         with record_function("prepare"):
             step = self.inputs.build(batch, pad_to=pad_to)
+        if step.decode_only:
+            self.step_shapes.add(("decode", pad_to or batch_bucket(step.num_seqs), step.lora_kind))
+        else:
+            self.step_shapes.add(("prefill", 1 << (sum(n for _, n in batch) - 1).bit_length(), step.lora_kind))
         if pad_to is not None:
             with record_function("graph"):
                 logits = self.graphs.run(step)

@@ -38,6 +38,14 @@ class StagingPool:
             self._held_bytes += size
         return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
 
+    def can_take(self, num_bytes: int) -> bool:
+        """Whether `take(num_bytes)` would lend a buffer now (the caller being the only taker)."""
+        with self._lock:
+            if any(b.numel() >= num_bytes for b in self._free):
+                return True
+            size = -(-num_bytes // GRANULE) * GRANULE
+            return self._held_bytes - sum(b.numel() for b in self._free) + size <= self.max_bytes
+
     def give_back(self, buffer: torch.Tensor) -> None:
         """Return a buffer no copy reads any more."""
         with self._lock:

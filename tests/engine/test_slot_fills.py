@@ -157,3 +157,161 @@ def test_auto_max_loras_on_the_cpu_keeps_the_default(smol_fp32, tmp_path):
         LoRAConfig(max_loras="many")
     with pytest.raises(ConfigError, match="max_adapters_per_request"):
         LoRAConfig(max_loras="auto", max_cpu_loras=4, max_adapters_per_request=8)
+
+
+# ---- the GPU's fill path on the CPU (LoRAConfig.staged_fills): fills land a step or more after they start ----
+
+def _staged_engine(loaded, tmp_path, num_slots: int, staging_bytes: int = 1, max_cpu_loras: int | None = None):
+    """staging_bytes=1: the pool holds one slot of max_lora_rank (its floor), so fills run one or two at a time."""
+    from loraplex.server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from loraplex.server.engine.engine import Engine
+
+    config = EngineConfig(
+        model=ModelConfig(quantization="none", dtype="float32"),
+        lora=LoRAConfig(max_lora_rank=16, max_loras=num_slots, max_cpu_loras=max_cpu_loras or num_slots,
+                        max_adapters_per_request=1,
+                        derived_rank=16, staged_fills=True, staging_bytes=staging_bytes),
+        cache=CacheConfig(block_size=8, num_blocks=160),
+        scheduler=SchedulerConfig(max_num_seqs=num_slots, max_num_batched_tokens=256, max_new_tokens_limit=256),
+        cache_dir=str(tmp_path / "cache"))
+    return Engine(config, loaded=loaded)
+
+
+def _step_inline(eng, handles) -> tuple[int, int]:
+    """Step like the bench until `handles` are done: (step calls that ran work, idle step calls)."""
+    busy = idle = 0
+    while not all(h.done for h in handles):
+        if eng.step():
+            busy += 1
+        else:
+            idle += 1
+            eng.wait_for_work()
+    return busy, idle
+
+
+def test_staged_fills_on_the_cpu_take_the_gpu_path(smol_fp32, peft_adapters, tmp_path):
+    """With staged fills a slot fill does not land in the step that starts it: the sequence waits (SKIP) while
+    the staging thread copies, and its tokens are its adapter's, as with plain CPU fills."""
+    _, folders = peft_adapters
+    eng = _staged_engine(smol_fp32, tmp_path, num_slots=2)
+    try:
+        assert eng.adapters.filler.asynchronous and eng.adapters.filler.stream is None
+        eng.register_adapter("a", str(folders["all_r16"]))
+        [staged] = eng.generate([req("Tell me about the sea.", tokens=4, adapter="a")])
+        assert eng.cache.stats.installs == 1 and eng.adapters.filler.filling == 0
+        assert eng.cache.state_of("a@1") == "DEVICE"
+    finally:
+        eng.stop()
+    plain = make_engine(smol_fp32, tmp_path / "plain", max_loras=2)
+    try:
+        plain.register_adapter("a", str(folders["all_r16"]))
+        [expected] = plain.generate([req("Tell me about the sea.", tokens=4, adapter="a")])
+    finally:
+        plain.stop()
+    assert staged.token_ids == expected.token_ids
+
+
+def test_resident_adapters_need_no_fill_and_are_admitted_together(smol_fp32, peft_adapters, tmp_path):
+    """The bench's flow: a warm-up over N distinct adapters, then the same N again. The second batch finds all N
+    resident (no fill, no staging), is admitted whole in its first step and takes exactly `tokens` steps, like a
+    base-model batch; the warm-up, whose fills land a few at a time, admitted its rows in several steps."""
+    _, folders = peft_adapters
+    n, tokens = 6, 3
+    eng = _staged_engine(smol_fp32, tmp_path, num_slots=n)
+    try:
+        for i in range(n):
+            eng.register_adapter(f"a{i}", str(folders["qv_r4" if i % 2 else "all_r16"]))
+        batch = [req(f"Request {i} says", tokens=tokens, adapter=f"a{i}") for i in range(n)]
+        steps = eng.steps_total
+        handles = [eng.submit(r) for r in batch]
+        _step_inline(eng, handles)
+        warm_steps = eng.steps_total - steps
+        assert eng.cache.stats.installs == n
+        assert warm_steps > tokens, "the warm-up's fills all landed at once: the test does not stage them"
+        assert sorted(eng.cache.resident_keys()["device"]) == sorted(f"a{i}@1" for i in range(n))
+
+        installs, waits = eng.cache.stats.installs, eng.cache.stats.staging_waits
+        shapes = set(eng.runner.step_shapes)
+        steps = eng.steps_total
+        handles = [eng.submit(r) for r in batch]
+        busy, idle = _step_inline(eng, handles)
+        assert eng.cache.stats.installs == installs and eng.cache.stats.staging_waits == waits
+        assert eng.adapters.filler.filling == 0
+        assert eng.steps_total - steps == tokens and idle == 0  # admitted together: prefill + (tokens - 1) decodes
+        # the whole batch's prefill and decode: shapes the trickling warm-up never ran (on a GPU: compiles, and
+        # a decode graph captured, inside this batch's TTFT; bench.serving.run_one warms up again for them)
+        assert {kind for kind, _, _ in eng.runner.step_shapes - shapes} == {"prefill", "decode"}
+    finally:
+        eng.stop()
+
+
+def test_cold_fills_admit_within_bounded_steps_without_spinning(smol_fp32, peft_adapters, tmp_path):
+    """N cold adapters, nothing else running, a staging pool of about one slot: every request is admitted once
+    its fill lands, in a bounded number of engine steps, and the loop sleeps (wait_for_work) rather than spins
+    while the staging thread copies: idle steps stay a small multiple of the fills."""
+    _, folders = peft_adapters
+    n, tokens = 6, 2
+    eng = _staged_engine(smol_fp32, tmp_path, num_slots=n)
+    try:
+        for i in range(n):
+            eng.register_adapter(f"a{i}", str(folders["all_r16"]))
+        started = time.monotonic()
+        handles = [eng.submit(req(f"Request {i} says", tokens=tokens, adapter=f"a{i}")) for i in range(n)]
+        busy, idle = _step_inline(eng, handles)
+        elapsed = time.monotonic() - started
+        results = [h.result(1) for h in handles]
+    finally:
+        eng.stop()
+    assert all(len(r.token_ids) == tokens for r in results)
+    assert eng.cache.stats.installs == n and eng.cache.stats.staging_waits > 0  # the pool did bound the fills
+    assert busy <= n * tokens + 2, busy  # at worst one admission per fill, each running its own steps
+    assert idle <= 3 * n, f"{idle} idle steps for {n} fills: the loop spins instead of waiting for the fills"
+    assert elapsed < 30, elapsed
+
+
+def test_a_fill_without_staging_room_evicts_nothing(smol_fp32, peft_adapters, tmp_path):
+    """All slots hold idle adapters and every staging buffer is lent: installing another adapter fails and
+    leaves every resident adapter in its slot (it used to evict the LRU one first)."""
+    _, folders = peft_adapters
+    eng = _staged_engine(smol_fp32, tmp_path, num_slots=2, max_cpu_loras=4)
+    try:
+        for name in ("a", "b", "c"):
+            eng.register_adapter(name, str(folders["all_r16"]))
+        eng.generate([req(tokens=1, adapter="a"), req(tokens=1, adapter="b")])
+        assert sorted(eng.cache.resident_keys()["device"]) == ["a@1", "b@1"]
+        pool = eng.adapters.filler.staging
+        lent = []
+        while (buffer := pool.take(1)) is not None:
+            lent.append(buffer)
+        evictions = eng.cache.stats.evictions
+        assert eng.run_on_engine_thread(lambda: eng.cache.acquire(["c@1"])) is None
+        assert eng.cache.stats.evictions == evictions
+        assert sorted(eng.cache.resident_keys()["device"]) == ["a@1", "b@1"]
+        for buffer in lent:
+            pool.give_back(buffer)
+        [done] = eng.generate([req(tokens=1, adapter="c")])
+        assert done.token_ids and eng.cache.state_of("c@1") == "DEVICE"
+    finally:
+        eng.stop()
+
+
+def test_bench_warm_up_runs_every_shape_of_the_timed_batch(embedded_dir):
+    """bench serve's distinct row: with fills staged as on a GPU, one warm-up admits its rows a few at a time
+    and never runs the full batch's prefill; run_one warms up until nothing needed a fill, so its timed batch
+    runs no fill and no step shape for the first time (the 3.8 s TTFT of issue 13's first GPU run: the batch-32
+    LoRA prefill's compiles and decode graph capture fell into the timed batch)."""
+    from loraplex.server.bench.serving import ServeBenchConfig, build_engine, run_one
+
+    n = 6
+    cfg = ServeBenchConfig(model=str(embedded_dir), quantization="none", dtype="float32", device="cpu",
+                           batches=(n,), modes=("distinct",), prompt_len=16, new_tokens=4, rank=4, num_adapters=n,
+                           staged_fills=True, staging_bytes=1)
+    engine = build_engine(cfg)
+    try:
+        row = run_one(engine, cfg, n, "distinct")
+        warm_up_installs = engine.cache.stats.installs
+    finally:
+        engine.stop()
+    assert warm_up_installs == n and engine.cache.stats.staging_waits > 0
+    assert row["timed_fills"] == 0 and row["timed_new_shapes"] == 0, row
+    assert row["steps"] == cfg.new_tokens and row["ttft_ms_max"] - row["ttft_ms_mean"] < 1.0, row
