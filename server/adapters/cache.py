@@ -9,6 +9,7 @@ request is never dropped. Eviction zeroes nothing: ranks go to 0 and the kernels
 """
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -28,6 +29,16 @@ from .types import AdapterWeights
 log = logging.getLogger(__name__)
 
 READY, LOADING = "ready", "loading"
+
+
+class SlotWait(enum.Enum):
+    """Why `AdapterCache.acquire` could not give slots now."""
+
+    SLOTS = "slots"
+    """Too few slots are free or evictable: wait for a release (admission stops here, first come first served)."""
+    STAGING = "staging"
+    """Slots are there but every staging buffer is lent to fills in progress: wait for one to land (requests
+    whose adapters are resident may go ahead meanwhile)."""
 
 
 @dataclass(slots=True)
@@ -207,8 +218,8 @@ class AdapterCache:
         return True
 
     # ---- device tier (engine thread only) ----
-    def acquire(self, keys: list[str]) -> list[int] | None:
-        """Slots for all `keys` (host-ready), refcounted; None if not enough slots can be freed now (or no
+    def acquire(self, keys: list[str]) -> list[int] | SlotWait:
+        """Slots for all `keys` (host-ready), refcounted; else why not now (too few slots can be freed, or no
         staging buffer is free for a fill). A slot may still be filling: see `fills_landed`."""
         missing = [k for k in dict.fromkeys(keys) if k not in self._slot_of]
         if missing:
@@ -217,11 +228,11 @@ class AdapterCache:
                                 if s.key is not None and s.refs == 0 and not s.pinned and s.key not in keys),
                                key=lambda i: self._slots[i].last_used)
             if len(missing) > len(free) + len(evictable):
-                return None
+                return SlotWait.SLOTS
             for key in missing:
                 slot = free.pop() if free else evictable.pop(0)
                 if not self._install(slot, key):
-                    return None
+                    return SlotWait.STAGING
         else:
             self.stats.hits += len(keys)
         now = time.monotonic()
@@ -246,7 +257,7 @@ class AdapterCache:
         if pinned + 1 > len(self._slots) - keep_unpinned:
             return None
         slots = self.acquire([key])
-        if slots is None:
+        if isinstance(slots, SlotWait):
             return None
         self._slots[slots[0]].pinned = True
         self.release(slots)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..adapters.cache import READY, AdapterCache
+from ..adapters.cache import READY, AdapterCache, SlotWait
 from ..adapters.catalog import AdapterCatalog, AdapterEntry
 from ..adapters.loader import load_adapter
 from ..adapters.mix import derive_adapter, mix_key
@@ -126,7 +126,7 @@ class AdapterManager:
         def to_slot():
             if self.cache.host_get(entry.key) is not None:
                 slots = self.cache.acquire([entry.key])
-                if slots is not None:
+                if not isinstance(slots, SlotWait):
                     self.cache.release(slots)
         self._run(to_slot, timeout)
         self._wait_landed(entry.key, timeout)
@@ -232,9 +232,9 @@ class AdapterManager:
                 return "loading"
         return READY
 
-    def acquire_slots(self, seq: Sequence) -> list[int] | None | ResourceExhausted:
-        """Device slots for `seq`'s adapters ([] for the base model), None while none can be freed now, or
-        the error when pins by other adapters leave too few slots for it ever."""
+    def acquire_slots(self, seq: Sequence) -> list[int] | SlotWait | ResourceExhausted:
+        """Device slots for `seq`'s adapters ([] for the base model), why not now (SlotWait), or the error when
+        pins by other adapters leave too few slots for it ever."""
         keys = [need.key for need in seq.needs]
         if not keys:
             return []

@@ -27,6 +27,7 @@ import uuid
 from concurrent.futures import Future
 from typing import Callable, Protocol
 
+from ..adapters.cache import SlotWait
 from ..config import EngineConfig
 from ..errors import Cancelled, DeadlineExceeded, LoraplexError, ResourceExhausted, Unavailable
 from ..types import GenerationChunk, GenerationRequest, StopReason
@@ -289,8 +290,10 @@ class EngineCore:
             if isinstance(slots, Exception):
                 self._finish(Finished(seq, StopReason.ERROR, error=slots))
                 return Admission.DROPPED
-            if slots is None:
-                return Admission.BLOCK
+            if slots is SlotWait.SLOTS:
+                return Admission.BLOCK  # first come, first served: later sequences wait for slots too
+            if slots is SlotWait.STAGING:
+                return Admission.SKIP  # a fill must land first; sequences whose adapters are resident go ahead
             seq.slots = slots  # held while the fills land (released on finish or cancel)
         if not self.adapters.fills_landed(seq):
             return Admission.SKIP  # the batch keeps stepping; later sequences may be admitted meanwhile

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from loraplex.server.adapters.cache import SlotWait
 from loraplex.server.adapters.types import AdapterWeights
 from loraplex.server.config import LoRAConfig
 from loraplex.server.errors import ConfigError, ResourceExhausted
@@ -284,7 +285,7 @@ def test_a_fill_without_staging_room_evicts_nothing(smol_fp32, peft_adapters, tm
         while (buffer := pool.take(1)) is not None:
             lent.append(buffer)
         evictions = eng.cache.stats.evictions
-        assert eng.run_on_engine_thread(lambda: eng.cache.acquire(["c@1"])) is None
+        assert eng.run_on_engine_thread(lambda: eng.cache.acquire(["c@1"])) is SlotWait.STAGING
         assert eng.cache.stats.evictions == evictions
         assert sorted(eng.cache.resident_keys()["device"]) == ["a@1", "b@1"]
         for buffer in lent:
@@ -315,3 +316,26 @@ def test_bench_warm_up_runs_every_shape_of_the_timed_batch(embedded_dir):
     assert warm_up_installs == n and engine.cache.stats.staging_waits > 0
     assert row["timed_fills"] == 0 and row["timed_new_shapes"] == 0, row
     assert row["steps"] == cfg.new_tokens and row["ttft_ms_max"] - row["ttft_ms_mean"] < 1.0, row
+
+
+def test_a_request_waiting_for_staging_room_does_not_hold_back_resident_adapters(smol_fp32, peft_adapters,
+                                                                               tmp_path):
+    """Staging room for one fill: A's fill takes it, B's must wait for it; C, whose adapter is resident, is
+    admitted in the very first step instead of queueing behind B (a staging wait skips, a slot shortage blocks)."""
+    _, folders = peft_adapters
+    eng = _staged_engine(smol_fp32, tmp_path, num_slots=3)
+    try:
+        for name in ("a", "b", "r"):
+            eng.register_adapter(name, str(folders["all_r16"]))
+        eng.generate([req(tokens=1, adapter="r")])
+        assert eng.cache.state_of("r@1") == "DEVICE"
+        waits = eng.cache.stats.staging_waits
+        handles = [eng.submit(req(f"Request {n} says", tokens=2, adapter=n)) for n in ("a", "b", "r")]
+        assert eng.step(), "the first step admitted nothing: C queued behind B's staging wait"
+        assert eng.cache.stats.staging_waits > waits  # B did wait for staging room
+        assert eng.adapters.filler.filling == 1  # A's fill only
+        _step_inline(eng, handles)
+        results = [h.result(1) for h in handles]
+    finally:
+        eng.stop()
+    assert all(len(r.token_ids) == 2 for r in results)
