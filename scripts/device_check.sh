@@ -5,7 +5,8 @@ source scripts/device_env.sh
 export TRITON_CACHE_DIR=/tmp/triton_cache
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 if [ -n "$CHECK_TESTS" ]; then
-  timeout ${CHECK_TESTS_S:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -x $CHECK_TESTS > "$OUT/gpu_tests.log" 2>&1
+  # eval: CHECK_TESTS may quote its own arguments (-k 'not embedded')
+  eval timeout ${CHECK_TESTS_S:-200} python3 -m pytest -m gpu -q -p no:cacheprovider $CHECK_TESTS > "$OUT/gpu_tests.log" 2>&1
   echo "rc=$? gpu tests"; grep -E "passed|failed|error|Error|FAIL" "$OUT/gpu_tests.log" | tail -15
 fi
 if [ -n "$CHECK_SERVE" ]; then
