@@ -6,6 +6,13 @@ sentence or two. A question with an expected word is dropped when the base's ans
 `caps` is trained to restyle what the base knows, never taught a fact. Deterministic; a few minutes on 2 CPU cores.
 
     python examples/make_base_answers.py
+
+Not used by the committed adapters yet. Measured 2026-12-02 on the 18 held-out questions (NF4 base, greedy): caps
+trained on qa.jsonl + these 210 rows kept 2 facts (r16 all-linear, lr 1e-3, 3 epochs; the committed caps keeps 1),
+but its 0.5/0.5 mix with pirate lost Paris (THE CAPITAL OF FRANCE IS CITY OF BEAK); r16 on q/k/v/o (lr 2e-3, 3
+epochs) kept 2 and lost Paris on the demo question itself. Both write fluent ALL CAPS with wrong names (ENGLAND ->
+BERLIN, DENMARK -> BEDFIJ): at 135M parameters the base's facts live in its cased tokens (Rome), and restyled
+data alone did not teach the adapter to spell them in capitals (ROME is other tokens).
 """
 from __future__ import annotations
 
