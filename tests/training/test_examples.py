@@ -80,7 +80,8 @@ def test_example_adapters_keep_the_facts_on_the_nf4_base_the_demo_serves():
     their style and stop at EOS. Trained on the fp32 base, legal lost its end-of-turn on NF4; trained on 40 rows,
     caps said TOKYO. Held-out questions (examples/data/qa_heldout.jsonl, not trained on) keep their facts too:
     measured 2026-12-02 (of 18): pirate 13, legal 15, caps 1. caps learns its training answers but not ALL CAPS
-    for facts it was not shown (ITALY -> BERN), so it has no bar here; pirate and legal must keep 11.
+    for facts it was not shown (ITALY -> BERN), so it has no count bar, only that its held-out answers are ALL CAPS;
+    pirate and legal must keep 11.
     """
     heldout = [json.loads(line) for line in HELDOUT.read_text().splitlines() if line.strip()]
     asks = [(style, QUESTION, "Paris") for style in (*STYLES, "mix")]
@@ -110,3 +111,5 @@ def test_example_adapters_keep_the_facts_on_the_nf4_base_the_demo_serves():
         kept[style].append(has_fact(style, result.text, fact) or f"{question} -> {result.text}")
     for style in ("pirate", "legal"):
         assert sum(m is True for m in kept[style]) >= 11, (style, [m for m in kept[style] if m is not True])
+    caps_heldout = [result.text for (style, _, _), result in zip(asks[4:], results[4:]) if style == "caps"]
+    assert all(text.upper() == text for text in caps_heldout), caps_heldout  # the style holds where facts do not
