@@ -123,10 +123,8 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     return out.reshape(batch, width, heads, head_dim), None
 
 
-def _row_segments(attention_mask: torch.Tensor | None, batch: int, width: int) -> tuple[torch.Tensor, int]:
+def _row_segments(attention_mask: torch.Tensor, batch: int, width: int) -> tuple[torch.Tensor, int]:
     """Whole rows, each split into its tokens and its right padding (from a 2D mask: one sync, eval only)."""
-    if attention_mask is None:
-        return torch.arange(0, (batch + 1) * width, width, dtype=torch.int32), width
     assert attention_mask.dim() == 2, "loraplex_varlen takes a 2D padding mask (or none), never a 4D one"
     lengths = attention_mask.sum(-1).tolist()
     assert all(attention_mask[b, :n].all() for b, n in enumerate(lengths)), "right padding only"

@@ -48,8 +48,9 @@ class AdapterManager:
                                   max_host_bytes=config.max_cpu_lora_bytes)
         self.derived = DerivedAdapterCache(max_entries=2, folder=derived_folder)
         self.images = PreparedImages(images_folder)
-        self._layout = layout_id(lora_stacks.shapes)
         """Each registered version's prepared form, read whole on a host-tier miss (adapters/prepared_image.py)."""
+        self._layout = layout_id(lora_stacks.shapes)
+        """The slot layout packs follow (part of each image's key: another layout never reads a stale image)."""
         self._image_keys: dict[str, str] = {}
         """Cache key (name@version) -> its image's content key."""
         """TIES / DARE builds, persisted so a restart reuses them; the host tier holds the live copies."""

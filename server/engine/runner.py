@@ -120,7 +120,7 @@ class ModelRunner:
         if step.decode_only:
             self.step_shapes.add(("decode", pad_to or batch_bucket(step.num_seqs), step.lora_kind))
         else:
-            self.step_shapes.add(("prefill", 1 << (sum(n for _, n in batch) - 1).bit_length(), step.lora_kind))
+            self.step_shapes.add(("prefill", 1 << (step.input_ids.shape[0] - 1).bit_length(), step.lora_kind))
         if pad_to is not None:
             with record_function("graph"):
                 logits = self.graphs.run(step)

@@ -55,7 +55,7 @@ def pack_adapter(adapter: AdapterWeights, shapes: Sequence[ProjectionGroupShape]
                                   f"B {list(m.b.shape)}; the group needs A [r, {n_in}], B [{n_out}, r]")
         assert m.scale == 1.0 and m.a.dtype == m.b.dtype == dtype, "pack_adapter takes prepared adapters"
         ranks.setdefault((shape.layer, shape.name), [0] * len(shape.slices))[j] = m.rank
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     blocks, offset = [], 0
     for shape in shapes:
         group_ranks = ranks.get((shape.layer, shape.name))

@@ -72,7 +72,7 @@ def lookup(op: str, n_rows: int, k: int, m: int, device: torch.device,
         return KernelConfig(kernel="dequant_mm")
     index = device.index if device.index is not None else torch.cuda.current_device()
     # tuned entries depend on the bucket, fitted ones on m too (the LUT tile must hold m rows)
-    return _lookup(op, n_rows, k, bucket, m, index, torch.empty((), dtype=dtype).element_size())
+    return _lookup(op, n_rows, k, bucket, m, index, dtype.itemsize)
 
 
 def clear_cache() -> None:
